@@ -1,0 +1,3 @@
+"""amint-dist: train auditable vision models with active Membership Inference Test (aMINT)."""
+
+__version__ = "0.1.0"

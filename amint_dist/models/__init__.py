@@ -1,0 +1,1 @@
+"""amint_dist.models"""
