@@ -1,0 +1,171 @@
+"""Build a dataset root: split a source by key hash and write each split as WebDataset shards.
+
+Two parallel passes with constant image memory: (1) scan the source (list keys, labels, payload
+sizes; check that every image decodes), (2) write planned shards from the recorded locators.
+Everything is written into ``<root>.partial`` and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from amint_dist import __version__
+from amint_dist.data.shards import plan_shards, write_shard
+from amint_dist.data.sources import Record, Skip, make_source
+from amint_dist.data.splits import HASH_RULE, SPLITS, hash_unit, split_of, validate_fractions
+from amint_dist.io import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+
+log = logging.getLogger(__name__)
+DATASET_FORMAT = "amint-dist-dataset/1"
+PREPARE_KEYS = {"kind", "root", "seed", "fractions", "workers", "shard_maxcount", "shard_maxsize",
+                "source", "image_field", "label_field", "num_classes", "classes", "overwrite"}
+
+_worker_source = None
+
+
+def prepare_dataset(cfg: Mapping[str, Any]) -> dict:
+    """Write the dataset root described by ``cfg`` (the ``data`` config group); return splits.json."""
+    unknown = set(cfg) - PREPARE_KEYS
+    if unknown:
+        raise ValueError(f"unknown data config key(s) for prepare: {sorted(unknown)}; valid: {sorted(PREPARE_KEYS)}")
+    root = Path(str(cfg["root"]))
+    if (root / "splits.json").exists() and not cfg.get("overwrite", False):
+        raise FileExistsError(f"dataset root already prepared: {root} (pass data.overwrite=true to rebuild it)")
+    fractions = validate_fractions(cfg["fractions"])
+    seed, workers = int(cfg["seed"]), max(1, int(cfg.get("workers", 1)))
+    maxcount, maxsize = int(cfg.get("shard_maxcount", 1000)), int(cfg.get("shard_maxsize", 1 << 30))
+    if maxcount < 1 or maxsize < 1:
+        raise ValueError(f"shard_maxcount and shard_maxsize must be positive, got {maxcount}, {maxsize}")
+    source = make_source(cfg)
+    started = time.time()
+
+    records, skipped = _scan(source, workers)
+    by_split = _assign(records, seed, fractions)
+    staging = root.with_name(root.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    jobs = {s: plan_shards(staging / s, s, by_split[s], maxcount, maxsize) for s in SPLITS}
+    for s in SPLITS:
+        (staging / s).mkdir(parents=True)
+    flat = [job for s in SPLITS for job in jobs[s]]
+    written = iter(_parallel(_write_job, flat, source, workers))
+    manifest_shards = {s: [next(written) for _ in jobs[s]] for s in SPLITS}
+
+    splits_meta = {s: _write_split_files(staging / s, s, by_split[s], manifest_shards[s]) for s in SPLITS}
+    classes = source.classes or [str(c) for c in range(1 + max((r.label for r in records), default=-1))]
+    manifest = {
+        "format": DATASET_FORMAT,
+        "tool_version": __version__,
+        "seed": seed,
+        "fractions": fractions,
+        "hash_rule": HASH_RULE,
+        "source": source.describe(),
+        "classes": classes,
+        "num_classes": len(classes),
+        "counts": {s: len(by_split[s]) for s in SPLITS},
+        "total": len(records),
+        "shard_maxcount": maxcount,
+        "shard_maxsize": maxsize,
+        "num_skipped": len(skipped),
+        "skipped": [asdict(s) for s in skipped],
+        "splits": splits_meta,
+    }
+    atomic_write_json(staging / "splits.json", manifest)
+    _swap_into_place(staging, root)
+    log.info("prepared %s: %d samples %s, %d skipped, in %.1fs", root, len(records),
+             manifest["counts"], len(skipped), time.time() - started)
+    return manifest
+
+
+def _scan(source, workers: int) -> tuple[list[Record], list[Skip]]:
+    records: list[Record] = []
+    skipped: list[Skip] = []
+    for result in _parallel(_scan_unit, source.units(), source, workers):
+        records.extend(result.records)
+        skipped.extend(result.skipped)
+    for skip in skipped:
+        log.warning("skipped %s (%s): %s", skip.key, skip.file, skip.reason)
+    seen: dict[str, Record] = {}
+    for record in records:
+        if record.key in seen:
+            raise ValueError(f"duplicate key {record.key!r}: {seen[record.key].locator[0]} and {record.locator[0]}")
+        seen[record.key] = record
+    return records, skipped
+
+
+def _assign(records: Iterable[Record], seed: int, fractions: Mapping[str, float]) -> dict[str, list[Record]]:
+    """Split by key hash; inside a split order by (hash, key) so shards mix classes."""
+    keyed: dict[str, list[tuple[float, str, Record]]] = {s: [] for s in SPLITS}
+    for record in records:
+        u = hash_unit(seed, record.key)
+        keyed[split_of(u, fractions)].append((u, record.key, record))
+    return {s: [r for _, _, r in sorted(items, key=lambda t: t[:2])] for s, items in keyed.items()}
+
+
+def _write_split_files(split_dir: Path, split: str, records: list[Record], shards: list[dict]) -> dict:
+    keys_text = "".join(f"{r.key}\n" for r in records)
+    atomic_write_text(split_dir / "keys.txt", keys_text)
+    info = {
+        "name": split,
+        "num_samples": len(records),
+        "filenames": [s["name"] for s in shards],
+        "shard_lengths": [s["num_samples"] for s in shards],
+    }
+    atomic_write_json(split_dir / "_info.json", {**info, "splits": {split: info}})  # timm's wds reader format
+    return {
+        "num_samples": len(records),
+        "keys_sha256": sha256_file(split_dir / "keys.txt"),
+        "info_sha256": sha256_file(split_dir / "_info.json"),
+        "shards": shards,
+    }
+
+
+def _swap_into_place(staging: Path, root: Path) -> None:
+    """Replace ``root`` with the complete ``staging`` tree; the old tree is removed only afterwards."""
+    old = root.with_name(root.name + ".old")
+    if root.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        root.rename(old)
+    staging.rename(root)
+    fsync_dir(root.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _init_worker(source) -> None:
+    global _worker_source
+    _worker_source = source
+
+
+def _scan_unit(unit):
+    return _worker_source.scan(unit)
+
+
+def _write_job(job):
+    return write_shard(_worker_source, job)
+
+
+def _parallel(fn: Callable, items: list, source, workers: int) -> list:
+    """Map ``fn`` over ``items`` in order, in ``workers`` forked processes sharing ``source``."""
+    if workers == 1 or len(items) <= 1:
+        _init_worker(source)
+        return [fn(item) for item in items]
+    with mp.get_context("fork").Pool(min(workers, len(items)), initializer=_init_worker, initargs=(source,)) as pool:
+        return pool.map(fn, items, chunksize=1)
+
+
+def load_manifest(root: str | Path) -> dict:
+    """Read ``<root>/splits.json`` with a clear error when the root is not a prepared dataset."""
+    path = Path(root) / "splits.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"not a prepared dataset root (no splits.json): {root}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != DATASET_FORMAT:
+        raise ValueError(f"{path}: unsupported dataset format {manifest.get('format')!r}, expected {DATASET_FORMAT}")
+    return manifest

@@ -1,0 +1,275 @@
+"""Image sources for dataset preparation: the embedded digits, class-per-folder trees, WebDataset shards.
+
+A source lists its samples as `Record`s in parallel-scannable *units*; each record carries a
+locator from which the writer re-reads the exact payload bytes later (constant memory).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import tarfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "ppm", "tif", "tiff")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One sample of a source: its key, label and where its image bytes live."""
+
+    key: str
+    label: int
+    ext: str
+    size: int
+    locator: tuple
+    source_key: str
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A sample left out of the dataset, with the file it came from and why."""
+
+    key: str
+    file: str
+    reason: str
+
+
+@dataclass
+class ScanResult:
+    records: list[Record] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+
+
+def sanitize_key(raw: str) -> str:
+    """Make a WebDataset-safe key: no dots, no path traversal; path components joined by '__'."""
+    parts = [_UNSAFE.sub("_", p) for p in raw.replace(os.sep, "/").split("/") if p not in ("", ".")]
+    key = "__".join(p.strip("_") or "_" for p in parts)
+    if not key:
+        raise ValueError(f"empty key after sanitising {raw!r}")
+    return key
+
+
+def undecodable_reason(payload: bytes) -> str | None:
+    """Why ``payload`` is not a fully decodable image, or None when it decodes."""
+    try:
+        with Image.open(io.BytesIO(payload)) as img:
+            img.load()
+    except Exception as e:  # PIL raises many types for bad data
+        return f"undecodable image: {type(e).__name__}: {e}".replace("\n", " ")
+    return None
+
+
+def _normalise_ext(ext: str) -> str:
+    ext = ext.lower().lstrip(".")
+    return "jpg" if ext == "jpeg" else ext
+
+
+class DigitsSource:
+    """scikit-learn's bundled 1,797 real 8x8 handwritten digits, stored as 8-bit grayscale PNG."""
+
+    kind = "digits"
+    chunk = 256
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.classes = [str(c) for c in range(10)]
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "origin": "sklearn.datasets.load_digits"}
+
+    def units(self) -> list[range]:
+        n = len(_digits()[1])
+        return [range(i, min(i + self.chunk, n)) for i in range(0, n, self.chunk)]
+
+    def scan(self, unit: range) -> ScanResult:
+        out = ScanResult()
+        for i in unit:
+            payload = self.read((i,))
+            key = f"digit_{i:04d}"
+            out.records.append(Record(key, int(_digits()[1][i]), "png", len(payload), (i,), key))
+        return out
+
+    def read(self, locator: tuple) -> bytes:
+        images, _ = _digits()
+        pixels = np.round(images[locator[0]] * (255.0 / 16.0)).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buf, format="PNG", optimize=False)
+        return buf.getvalue()
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return bunch.images, bunch.target
+
+
+class ImageFolderSource:
+    """Class-per-folder images (ImageNet ``train/`` layout); class index = rank of the sorted folder name."""
+
+    kind = "imagefolder"
+    chunk = 512
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        self.root = _existing_dir(cfg.get("source"), "imagefolder source")
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.classes = list(cfg.get("classes") or folders)
+        unknown = sorted(set(folders) - set(self.classes))
+        if unknown:
+            raise ValueError(f"unknown label: folder {self.root / unknown[0]} is not in data.classes")
+        if not folders:
+            raise ValueError(f"imagefolder source has no class folders: {self.root}")
+        stray = [p for p in self.root.iterdir() if p.is_file() and _normalise_ext(p.suffix) in IMAGE_EXTENSIONS]
+        if stray:
+            raise ValueError(f"unknown label: image {stray[0]} is not inside a class folder")
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.files = [
+            (str(path), index[folder])
+            for folder in folders
+            for path in sorted((self.root / folder).rglob("*"))
+            if path.is_file() and _normalise_ext(path.suffix) in IMAGE_EXTENSIONS
+        ]
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "source": str(self.root), "num_files": len(self.files)}
+
+    def units(self) -> list[list[tuple[str, int]]]:
+        return [self.files[i : i + self.chunk] for i in range(0, len(self.files), self.chunk)]
+
+    def scan(self, unit: Sequence[tuple[str, int]]) -> ScanResult:
+        out = ScanResult()
+        for path, label in unit:
+            rel = os.path.relpath(path, self.root)
+            key = sanitize_key(os.path.splitext(rel)[0])
+            payload = self.read((path,))
+            reason = undecodable_reason(payload)
+            if reason:
+                out.skipped.append(Skip(key, path, reason))
+                continue
+            ext = _normalise_ext(Path(path).suffix)
+            out.records.append(Record(key, label, ext, len(payload), (path,), rel))
+        return out
+
+    def read(self, locator: tuple) -> bytes:
+        with open(locator[0], "rb") as f:
+            return f.read()
+
+
+class WdsSource:
+    """Existing WebDataset shards (e.g. ImageNet's): image and label fields configurable."""
+
+    kind = "wds"
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        pattern = cfg.get("source")
+        if not pattern:
+            raise ValueError("data.source must name the shards, e.g. '/data/train-{000000..000099}.tar'")
+        self.urls = list(braceexpand.braceexpand(str(pattern)))
+        missing = [u for u in self.urls if not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(f"wds source shard not found: {missing[0]} ({len(missing)} missing)")
+        self.image_fields = [_normalise_ext(e) for e in str(cfg.get("image_field", "jpg")).split(";")]
+        self.label_field = str(cfg.get("label_field", "cls"))
+        self.num_classes = cfg.get("num_classes")
+        self.classes = [str(c) for c in range(self.num_classes)] if self.num_classes else None
+        self.pattern = str(pattern)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "source": self.pattern, "num_shards": len(self.urls),
+                "image_field": ";".join(self.image_fields), "label_field": self.label_field}
+
+    def units(self) -> list[str]:
+        return self.urls
+
+    def scan(self, url: str) -> ScanResult:
+        out = ScanResult()
+        with open(url, "rb") as f:
+            for raw_key, members in _tar_groups(url):
+                key = sanitize_key(raw_key)
+                image = next(((e, m) for e in self.image_fields for m in members if _ext_of(m.name) == e), None)
+                label_member = next((m for m in members if _ext_of(m.name) == self.label_field), None)
+                if image is None:
+                    out.skipped.append(Skip(key, url, f"no image field {'/'.join(self.image_fields)}"))
+                    continue
+                if label_member is None:
+                    raise ValueError(f"unknown label: sample {raw_key!r} in {url} has no .{self.label_field} field")
+                label = self._parse_label(_read_member(f, label_member), raw_key, url)
+                ext, member = image
+                payload = _read_member(f, member)
+                reason = undecodable_reason(payload)
+                if reason:
+                    out.skipped.append(Skip(key, url, reason))
+                    continue
+                out.records.append(Record(key, label, ext, member.size, (url, member.offset_data, member.size), raw_key))
+        return out
+
+    def _parse_label(self, raw: bytes, key: str, url: str) -> int:
+        try:
+            label = int(raw.decode("utf-8").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(f"unknown label: sample {key!r} in {url} has label {raw[:20]!r}") from None
+        if label < 0 or (self.num_classes and label >= self.num_classes):
+            raise ValueError(f"unknown label: sample {key!r} in {url} has label {label} outside [0, {self.num_classes})")
+        return label
+
+    def read(self, locator: tuple) -> bytes:
+        url, offset, size = locator
+        with open(url, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+
+def _ext_of(name: str) -> str:
+    base = os.path.basename(name)
+    return _normalise_ext(base.split(".", 1)[1]) if "." in base else ""
+
+
+def _read_member(f, member: tarfile.TarInfo) -> bytes:
+    f.seek(member.offset_data)
+    return f.read(member.size)
+
+
+def _tar_groups(url: str) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
+    """Group a tar's file members by WebDataset key (path up to the first dot of the basename)."""
+    try:
+        with tarfile.open(url, "r:") as tar:
+            groups: dict[str, list[tarfile.TarInfo]] = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                directory, base = os.path.split(member.name)
+                groups.setdefault(os.path.join(directory, base.split(".", 1)[0]), []).append(member)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ValueError(f"corrupt or truncated tar: {url} ({type(e).__name__}: {e})") from None
+    yield from groups.items()
+
+
+def _existing_dir(path: Any, what: str) -> Path:
+    if not path:
+        raise ValueError(f"{what}: data.source is not set")
+    p = Path(str(path)).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    return p
+
+
+SOURCES = {"digits": DigitsSource, "imagefolder": ImageFolderSource, "wds": WdsSource}
+
+
+def make_source(cfg: Mapping[str, Any]):
+    """Build the source named by ``cfg['kind']``."""
+    kind = cfg.get("kind")
+    if kind not in SOURCES:
+        raise ValueError(f"unknown data source kind {kind!r}; valid: {sorted(SOURCES)}")
+    return SOURCES[kind](cfg)

@@ -1,0 +1,118 @@
+"""AuditableModel: a timm classifier and its MINT head as one module (one DeepSpeed engine)."""
+
+from collections.abc import Mapping, Sequence
+
+import timm
+import torch
+from omegaconf import OmegaConf
+from timm.optim import param_groups_weight_decay
+from torch import Tensor, nn
+
+from .heads import build_head
+from .taps import resolve_taps
+
+MODES = ("active", "passive", "off")
+MODEL_KEYS = {"name", "num_classes", "in_chans", "img_size", "kwargs"}
+MINT_KEYS = {"mode", "taps", "head"}
+HEAD_KEYS = {"kind", "hidden", "channels", "dropout"}
+_SET_BY_US = {"pretrained", "num_classes", "in_chans", "img_size"}
+
+
+class AuditableModel(nn.Module):
+    """timm `backbone` + `mint_head` reading the backbone's taps, in one backbone pass.
+
+    mode: `active` (MINT gradients reach the backbone), `passive` (taps detached), `off` (no head).
+    """
+
+    def __init__(self, backbone: nn.Module, mint_head: nn.Module | None, taps: Sequence[int], mode: str):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown MINT mode {mode!r}; valid modes: {', '.join(MODES)}")
+        if (mode == "off") != (mint_head is None):
+            raise ValueError(f"MINT mode {mode!r} needs {'no' if mode == 'off' else 'a'} mint_head")
+        self.backbone = backbone
+        self.mint_head = mint_head
+        self.taps = list(taps)
+        self.mode = mode
+        # ViT-like backbones hand token heads their tokens, prefix (cls/register) tokens included
+        wants_tokens = getattr(mint_head, "input_fmt", "NCHW") == "NLC"
+        self._tap_kwargs = (
+            {"output_fmt": "NLC", "return_prefix_tokens": True}
+            if wants_tokens and hasattr(backbone, "num_prefix_tokens")
+            else {}
+        )
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, taps={self.taps}"
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(task logits [B, num_classes], membership logit [B] or None when mode is off)."""
+        if self.mint_head is None:
+            return self.backbone(x), None
+        final, taps = self.backbone.forward_intermediates(x, indices=self.taps, **self._tap_kwargs)
+        taps = [_join_prefix(t) for t in taps]
+        if self.mode == "passive":
+            taps = [t.detach() for t in taps]
+        return self.backbone.forward_head(final), self.mint_head(taps)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: no decay on 1-D params (norms, biases) and the backbone's `no_weight_decay()`."""
+        skip = getattr(self.backbone, "no_weight_decay", set)()
+        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=[f"backbone.{n}" for n in skip])
+
+
+def _join_prefix(tap: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """timm returns (spatial, prefix) pairs with return_prefix_tokens: make [B, prefix + spatial, C]."""
+    if isinstance(tap, tuple):
+        spatial, prefix = tap
+        return torch.cat([prefix, spatial], dim=1)
+    return tap
+
+
+def _checked(cfg: Mapping, where: str, allowed: set[str], required: set[str]) -> dict:
+    """Plain dict of `cfg` (DictConfig or any Mapping) after checking its keys."""
+    cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(allowed))}")
+    missing = sorted(required - set(cfg))
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+    return cfg
+
+
+def create_backbone(
+    name: str, num_classes: int, img_size: int, in_chans: int = 3, kwargs: Mapping | None = None
+) -> nn.Module:
+    """timm classifier, never pretrained; `img_size` is passed only to fixed-input-size models (ViTs)."""
+    if not timm.is_model(name):
+        raise ValueError(f"model.name: unknown timm model {name!r}")
+    kwargs = dict(kwargs or {})
+    clash = sorted(_SET_BY_US & set(kwargs))
+    if clash:
+        raise ValueError(f"model.kwargs: {', '.join(clash)} not allowed here (set at model level or fixed)")
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
+        kwargs["img_size"] = img_size
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def build_auditable_model(model_cfg: Mapping, mint_cfg: Mapping) -> AuditableModel:
+    """AuditableModel from the `model` and `mint` config groups (plain mappings or DictConfigs)."""
+    model_cfg = _checked(model_cfg, "model", MODEL_KEYS, {"name", "num_classes", "img_size"})
+    mint_cfg = _checked(mint_cfg, "mint", MINT_KEYS, {"mode"})
+    mode = mint_cfg["mode"]
+    if mode not in MODES:
+        raise ValueError(f"mint.mode: unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    backbone = create_backbone(**model_cfg)
+    if mode == "off":
+        return AuditableModel(backbone, None, [], mode)
+    if "taps" not in mint_cfg or "head" not in mint_cfg:
+        raise ValueError(f"mint: mode {mode!r} needs both 'taps' and 'head'")
+    head_cfg = _checked(mint_cfg["head"], "mint.head", HEAD_KEYS, {"kind"})
+    taps = resolve_taps(backbone, mint_cfg["taps"])
+    in_chs = [backbone.feature_info[i]["num_chs"] for i in taps]
+    head = build_head(
+        head_cfg.pop("kind"), in_chs, num_prefix_tokens=getattr(backbone, "num_prefix_tokens", 0), **head_cfg
+    )
+    return AuditableModel(backbone, head, taps, mode)

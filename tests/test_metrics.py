@@ -1,0 +1,253 @@
+"""Audit building blocks: metrics, bootstrap intervals, logit baselines, figures."""
+
+import json
+import math
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from amint_dist.audit.baselines import (
+    BASELINES,
+    confidence_score,
+    entropy_score,
+    loss_score,
+    modified_entropy_score,
+)
+from amint_dist.audit.metrics import (
+    accuracy_at,
+    balanced_accuracy_at,
+    bootstrap_ci,
+    choose_threshold,
+    evaluate_method,
+    roc_auc,
+    tpr_at_fpr,
+)
+from amint_dist.audit.plots import plot_roc, plot_score_histograms
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# Scores in decreasing order with labels chosen so every ROC step is known by hand:
+# threshold 10 9 8 7 6 5 4 3 2 1
+# member     1 0 1 1 0 1 0 0 1 0   -> (tp, fp) after each: (1,0)(1,1)(2,1)(3,1)(3,2)(4,2)...
+INTERLEAVED = ([1, 0, 1, 1, 0, 1, 0, 0, 1, 0], [10, 9, 8, 7, 6, 5, 4, 3, 2, 1])
+
+
+@pytest.mark.parametrize("n, pos_frac", [(7, 0.5), (200, 0.5), (1000, 0.05), (5000, 0.7)])
+def test_auc_matches_sklearn_with_ties(n, pos_frac):
+    rng = np.random.default_rng(n)
+    labels = (rng.random(n) < pos_frac).astype(int)
+    labels[:2] = [0, 1]
+    scores = np.round(rng.normal(size=n) + labels, 1)  # many ties, within and across classes
+    assert len(np.unique(scores)) < n
+    assert abs(roc_auc(labels, scores) - roc_auc_score(labels, scores)) < 1e-9
+
+
+def test_auc_by_hand():
+    assert roc_auc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1]) == 1.0
+    assert roc_auc([1, 0], [0.5, 0.5]) == 0.5
+    labels, scores = INTERLEAVED  # 25 pairs; member beats non-member in 17 of them
+    assert roc_auc(labels, scores) == pytest.approx(17 / 25, abs=1e-12)
+
+
+def test_auc_refuses_single_class_and_bad_labels():
+    with pytest.raises(ValueError):
+        roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError):
+        roc_auc([0, 2, 1], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError):
+        roc_auc([0, 1], [0.1, float("nan")])
+
+
+def test_tpr_at_fpr_perfect_separation():
+    labels, scores = [1, 1, 1, 0, 0, 0], [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]
+    for fpr in (0.0, 0.001, 0.01, 0.5):
+        assert tpr_at_fpr(labels, scores, fpr) == 1.0
+
+
+@pytest.mark.parametrize("fpr, expected", [(0.0, 0.2), (0.1, 0.2), (0.2, 0.6), (0.4, 0.8), (1.0, 1.0)])
+def test_tpr_at_fpr_interleaved(fpr, expected):
+    assert tpr_at_fpr(*INTERLEAVED, fpr) == pytest.approx(expected)
+
+
+def test_tpr_at_fpr_top_non_member_and_too_few_negatives():
+    labels, scores = [0, 1, 1, 0, 0], [5, 4, 3, 2, 1]
+    assert tpr_at_fpr(labels, scores, 0.01) == 0.0  # only "reject all" has FPR < 1/3
+    assert tpr_at_fpr(labels, scores, 1 / 3) == 1.0
+
+
+def test_tpr_at_fpr_ties_across_classes():
+    # Threshold 2 admits one member and two non-members at once: no cut inside the tie.
+    labels, scores = [1, 1, 0, 0, 0], [3, 2, 2, 2, 1]
+    assert tpr_at_fpr(labels, scores, 0.5) == 0.5
+    assert tpr_at_fpr(labels, scores, 2 / 3) == 1.0
+
+
+def test_tpr_at_fpr_matches_sklearn_roc_points():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 3000)
+    scores = np.round(rng.normal(size=3000) + 1.5 * labels, 2)
+    fprs, tprs, _ = roc_curve(labels, scores, drop_intermediate=False)
+    for target in (0.0, 0.001, 0.01, 0.1, 0.5):
+        assert tpr_at_fpr(labels, scores, target) == tprs[fprs <= target].max()
+
+
+def test_accuracy_and_balanced_accuracy_by_hand():
+    labels, scores = [1, 1, 1, 0, 0], [0.9, 0.4, 0.6, 0.5, 0.1]
+    # score >= 0.5 predicts member: [1, 0, 1, 1, 0] -> TPR 2/3, TNR 1/2, 3 of 5 right.
+    assert accuracy_at(labels, scores, 0.5) == pytest.approx(3 / 5)
+    assert balanced_accuracy_at(labels, scores, 0.5) == pytest.approx(7 / 12)
+    assert balanced_accuracy_at(labels, scores, 0.55) == pytest.approx(0.5 * (2 / 3 + 1))
+
+
+def test_choose_threshold_separates_separable_data():
+    labels, scores = [1, 1, 1, 0, 0, 0], [0.9, 0.8, 0.6, 0.4, 0.2, 0.1]
+    assert choose_threshold(labels, scores) == pytest.approx(0.5)
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 500)
+    scores = rng.random(500) + 1.2 * labels
+    threshold = choose_threshold(labels, scores)
+    assert scores[labels == 0].max() < threshold <= scores[labels == 1].min()
+    assert balanced_accuracy_at(labels, scores, threshold) == 1.0
+
+
+def test_choose_threshold_prefers_strictest_of_equal_cuts_and_adjacent_floats():
+    # Cuts at 4 and at 2 both reach balanced accuracy 0.75; the stricter one wins.
+    assert choose_threshold([1, 0, 1, 0], [4, 3, 2, 1]) == 3.5
+    upper = 1.0
+    lower = np.nextafter(upper, 0.0)  # no float strictly between them
+    threshold = choose_threshold([1, 0], [upper, lower])
+    assert balanced_accuracy_at([1, 0], [upper, lower], threshold) == 1.0
+
+
+def test_bootstrap_is_stratified_and_reproducible():
+    labels = np.r_[np.ones(30, int), np.zeros(70, int)]
+    scores = np.random.default_rng(3).normal(size=100) + labels
+    seen = []
+
+    def spy(y, s):
+        seen.append((int(y.sum()), y.size))
+        return roc_auc(y, s)
+
+    ci = bootstrap_ci(spy, labels, scores, n_boot=50, seed=7)
+    assert set(seen) == {(30, 100)}
+    assert ci == bootstrap_ci(roc_auc, labels, scores, n_boot=50, seed=7)
+    assert ci != bootstrap_ci(roc_auc, labels, scores, n_boot=50, seed=8)
+    assert ci[0] < roc_auc(labels, scores) < ci[1]
+
+
+def test_bootstrap_ci_coverage_of_true_auc():
+    d, n, reps = 1.0, 60, 200
+    true_auc = 0.5 * (1 + math.erf(d / math.sqrt(2) / math.sqrt(2)))  # Phi(d / sqrt(2))
+    rng = np.random.default_rng(4)
+    labels = np.r_[np.ones(n, int), np.zeros(n, int)]
+    covered = 0
+    for rep in range(reps):
+        scores = rng.normal(size=2 * n) + d * labels
+        lo, hi = bootstrap_ci(roc_auc, labels, scores, n_boot=200, seed=rep)
+        covered += lo <= true_auc <= hi
+    assert 0.88 <= covered / reps <= 0.99
+
+
+def test_evaluate_method_keys_and_json():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 400)
+    probs = 1 / (1 + np.exp(-(rng.normal(size=400) + labels)))
+    head = evaluate_method(labels, probs, threshold=0.6, is_head=True, n_boot=20, seed=0)
+    assert list(head) == [
+        "accuracy",
+        "balanced_accuracy",
+        "auc",
+        "tpr_at_1pct_fpr",
+        "tpr_at_0.1pct_fpr",
+    ]
+    assert head["accuracy"]["value"] == pytest.approx(accuracy_at(labels, probs, 0.5))
+    assert head["balanced_accuracy"]["value"] == pytest.approx(balanced_accuracy_at(labels, probs, 0.6))
+    assert head["auc"]["value"] == pytest.approx(roc_auc_score(labels, probs))
+    for entry in head.values():
+        lo, hi = entry["ci95"]
+        assert lo <= hi and all(isinstance(v, float) for v in (entry["value"], lo, hi))
+    json.dumps(head, allow_nan=False)
+    baseline = evaluate_method(labels, probs, threshold=None, is_head=False, n_boot=20, seed=0)
+    assert list(baseline) == ["auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"]
+
+
+LOGITS = np.array([[2.0, 1.0, 0.0], [0.0, 0.5, 3.0], [-1.0, 4.0, 0.2]])
+TARGETS = np.array([0, 1, 1])
+
+
+def _direct_formulas():
+    p = np.exp(LOGITS) / np.exp(LOGITS).sum(axis=1, keepdims=True)
+    p_y = p[np.arange(3), TARGETS]
+    mentr = -(1 - p_y) * np.log(p_y)
+    for i in range(3):
+        for c in range(3):
+            if c != TARGETS[i]:
+                mentr[i] -= p[i, c] * np.log(1 - p[i, c])
+    return {
+        "loss": np.log(p_y),
+        "confidence": p_y,
+        "entropy": (p * np.log(p)).sum(axis=1),
+        "modified_entropy": -mentr,
+    }
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_baselines_match_direct_formulas_numpy_and_torch(name):
+    expected = _direct_formulas()[name]
+    np.testing.assert_allclose(BASELINES[name](LOGITS, TARGETS), expected, rtol=1e-12)
+    from_torch = BASELINES[name](torch.tensor(LOGITS, requires_grad=True), torch.tensor(TARGETS))
+    np.testing.assert_allclose(from_torch, expected, rtol=1e-12)
+
+
+def test_baselines_orientation():
+    logits = np.array([[8.0, 0.0, 0.0], [0.1, 0.0, 0.0], [8.0, 0.0, 0.0]])
+    targets = np.array([0, 1, 1])  # confident right, unsure, confident wrong
+    for name, fn in BASELINES.items():
+        confident_right, unsure, confident_wrong = fn(logits, targets)
+        assert confident_right > unsure, name
+        if name != "entropy":  # entropy ignores the label
+            assert confident_right > confident_wrong, name
+
+
+def test_baselines_stable_for_extreme_logits():
+    logits = np.array([[1000.0, 0.0], [0.0, 1000.0]])
+    targets = np.array([0, 0])
+    np.testing.assert_allclose(loss_score(logits, targets), [0.0, -1000.0])
+    np.testing.assert_allclose(confidence_score(logits, targets), [1.0, 0.0])
+    np.testing.assert_allclose(entropy_score(logits, targets), [0.0, 0.0], atol=1e-300)
+    # Wrong and certain: (1 - p_y) log p_y = -1000 and p_1 log(1 - p_1) = log(e^-1000) = -1000.
+    np.testing.assert_allclose(modified_entropy_score(logits, targets), [0.0, -2000.0], atol=1e-300)
+
+
+def _read_png(path):
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and min(image.shape[:2]) > 100
+    return image
+
+
+def test_plots_write_valid_pngs(tmp_path):
+    rng = np.random.default_rng(6)
+    labels = rng.integers(0, 2, 300)
+
+    def method(shift):
+        return labels, rng.normal(size=300) + shift * labels
+
+    fig = plot_roc({"amint": method(2.0), "loss": method(0.5)}, tmp_path / "roc.png", "seen")
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert fig.axes[1].get_xscale() == "log" and fig.axes[0].get_legend() is not None
+    _read_png(tmp_path / "roc.png")
+
+    protocols = {
+        "seen": {"amint": method(2.0), "loss": method(0.5)},
+        "null": {"amint": method(0.0)},
+    }
+    fig = plot_score_histograms(protocols, tmp_path / "sub" / "scores.png")
+    assert np.asarray(fig.axes, dtype=object).size == 4
+    _read_png(tmp_path / "sub" / "scores.png")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["roc.png", "scores.png"]
