@@ -68,7 +68,9 @@ def test_tpr_at_fpr_perfect_separation():
         assert tpr_at_fpr(labels, scores, fpr) == 1.0
 
 
-@pytest.mark.parametrize("fpr, expected", [(0.0, 0.2), (0.1, 0.2), (0.2, 0.6), (0.4, 0.8), (1.0, 1.0)])
+@pytest.mark.parametrize(
+    "fpr, expected", [(0.0, 0.2), (0.1, 0.2), (0.2, 0.6), (0.4, 0.8), (1.0, 1.0)]
+)
 def test_tpr_at_fpr_interleaved(fpr, expected):
     assert tpr_at_fpr(*INTERLEAVED, fpr) == pytest.approx(expected)
 
@@ -117,8 +119,8 @@ def test_choose_threshold_separates_separable_data():
 def test_choose_threshold_prefers_strictest_of_equal_cuts_and_adjacent_floats():
     # Cuts at 4 and at 2 both reach balanced accuracy 0.75; the stricter one wins.
     assert choose_threshold([1, 0, 1, 0], [4, 3, 2, 1]) == 3.5
-    upper = 1.0
-    lower = np.nextafter(upper, 0.0)  # no float strictly between them
+    lower = 1.0
+    upper = np.nextafter(lower, 2.0)  # no float strictly between; naive midpoint rounds to lower
     threshold = choose_threshold([1, 0], [upper, lower])
     assert balanced_accuracy_at([1, 0], [upper, lower], threshold) == 1.0
 
@@ -137,6 +139,37 @@ def test_bootstrap_is_stratified_and_reproducible():
     assert ci == bootstrap_ci(roc_auc, labels, scores, n_boot=50, seed=7)
     assert ci != bootstrap_ci(roc_auc, labels, scores, n_boot=50, seed=8)
     assert ci[0] < roc_auc(labels, scores) < ci[1]
+
+
+def test_bootstrap_draws_same_samples_for_every_method():
+    # Two "methods" rank the samples in opposite orders; each score encodes its sample id.
+    labels = np.r_[np.ones(20, int), np.zeros(30, int)]
+    sample_ids = np.random.default_rng(10).permutation(50).astype(float)
+    drawn = {1: [], -1: []}
+    for sign, record in drawn.items():
+
+        def record_ids(y, s, sign=sign, record=record):
+            record.append(np.sort(sign * s))
+            return 0.0
+
+        bootstrap_ci(record_ids, labels, sign * sample_ids, n_boot=20, seed=11)
+    assert len(drawn[1]) == 20
+    for up, down in zip(drawn[1], drawn[-1]):
+        np.testing.assert_array_equal(up, down)
+
+
+def test_bootstrap_ci_width_matches_normal_theory():
+    # For a mean, the 95% percentile interval is about mean +- 1.96 standard errors.
+    rng = np.random.default_rng(9)
+    labels = np.r_[np.ones(2000, int), np.zeros(50, int)]
+    scores = rng.normal(size=labels.size)
+
+    def member_mean(y, s):
+        return s[y].mean()
+
+    lo, hi = bootstrap_ci(member_mean, labels, scores, n_boot=1000, seed=0)
+    standard_error = scores[:2000].std() / math.sqrt(2000)
+    assert (hi - lo) / 2 / standard_error == pytest.approx(1.96, abs=0.15)
 
 
 def test_bootstrap_ci_coverage_of_true_auc():
@@ -165,7 +198,8 @@ def test_evaluate_method_keys_and_json():
         "tpr_at_0.1pct_fpr",
     ]
     assert head["accuracy"]["value"] == pytest.approx(accuracy_at(labels, probs, 0.5))
-    assert head["balanced_accuracy"]["value"] == pytest.approx(balanced_accuracy_at(labels, probs, 0.6))
+    calibrated = balanced_accuracy_at(labels, probs, 0.6)
+    assert head["balanced_accuracy"]["value"] == pytest.approx(calibrated)
     assert head["auc"]["value"] == pytest.approx(roc_auc_score(labels, probs))
     for entry in head.values():
         lo, hi = entry["ci95"]

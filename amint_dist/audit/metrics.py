@@ -60,7 +60,7 @@ def roc_points(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.nda
 def roc_auc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Area under the ROC curve; ties count one half (same value as sklearn's roc_auc_score)."""
     fpr, tpr, _ = roc_points(labels, scores)
-    return float(np.trapezoid(tpr, fpr))
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2)  # trapezoids
 
 
 def tpr_at_fpr(labels: ArrayLike, scores: ArrayLike, fpr: float) -> float:
@@ -70,6 +70,8 @@ def tpr_at_fpr(labels: ArrayLike, scores: ArrayLike, fpr: float) -> float:
     between ROC points: when only "reject all" qualifies (too few non-members to resolve
     ``fpr``, or a non-member holds the top score) the answer is 0.0.
     """
+    if not 0.0 <= fpr <= 1.0:
+        raise ValueError(f"fpr must lie in [0, 1], got {fpr}")
     roc_fpr, roc_tpr, _ = roc_points(labels, scores)
     return float(roc_tpr[roc_fpr <= fpr].max())
 
@@ -119,25 +121,26 @@ def bootstrap_ci(
     """Percentile ``1 - alpha`` interval of ``metric_fn`` under a stratified bootstrap.
 
     Members and non-members are resampled with replacement separately, keeping both counts,
-    so every resample is a valid audit set. Identical seeds give identical resamples for any
-    ``metric_fn`` (common random numbers across metrics and methods of one evaluation set).
+    so every resample is a valid audit set. A seed fixes which samples are drawn, whatever
+    ``metric_fn`` and scores: metrics and methods scored on the same labels share resamples.
     """
     if n_boot < 1:
         raise ValueError("n_boot must be positive")
     y, s = _as_arrays(labels, scores)
     n_pos, n_neg = _class_counts(y)
-    # Resample through per-sample multiplicities over score-sorted data: each resample comes
-    # out already sorted, which makes the metrics' own (stable) sorts linear.
+    # Resample through per-sample multiplicities, applied to score-sorted data: each resample
+    # comes out already sorted, which makes the metrics' own (stable) sorts linear.
     order = np.argsort(-s, kind="stable")
     y_sorted, s_sorted = y[order], s[order]
-    pos, neg = np.flatnonzero(y_sorted), np.flatnonzero(~y_sorted)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
     rng = np.random.default_rng(seed)
     values = np.empty(n_boot)
     counts = np.empty(s.size, np.int64)
     for b in range(n_boot):
         counts[pos] = np.bincount(rng.integers(0, n_pos, n_pos), minlength=n_pos)
         counts[neg] = np.bincount(rng.integers(0, n_neg, n_neg), minlength=n_neg)
-        values[b] = metric_fn(np.repeat(y_sorted, counts), np.repeat(s_sorted, counts))
+        taken = counts[order]
+        values[b] = metric_fn(np.repeat(y_sorted, taken), np.repeat(s_sorted, taken))
     lo, hi = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
 

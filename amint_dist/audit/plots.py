@@ -7,9 +7,8 @@ no display needed): the caller may save them, hand them to TensorBoard's
 
 from __future__ import annotations
 
+import io
 import os
-import uuid
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -18,21 +17,16 @@ from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 
 from amint_dist.audit.metrics import roc_auc, roc_points
+from amint_dist.io import atomic_write_bytes
 
 LabelledScores = tuple[ArrayLike, ArrayLike]
 
 
-def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as a PNG atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+def save_figure(fig: Figure, path: str | os.PathLike) -> None:
+    """Write ``fig`` as a PNG atomically (rendered in memory, then temp file and rename)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -61,7 +55,8 @@ def plot_roc(
     low = min(1e-3, 1.0 / n_neg_max)
     for ax, lim in ((linear, 0.0), (loglog, low)):
         ax.plot([lim, 1], [lim, 1], "k--", lw=0.8, label="chance")
-        ax.set(xlim=(lim, 1), ylim=(lim, 1), xlabel="false positive rate", ylabel="true positive rate")
+        ax.set(xlim=(lim, 1), ylim=(lim, 1), xlabel="false positive rate")
+        ax.set_ylabel("true positive rate")
         ax.grid(alpha=0.3)
     loglog.set(xscale="log", yscale="log")
     linear.legend(loc="lower right", fontsize="small")

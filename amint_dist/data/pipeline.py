@@ -4,23 +4,31 @@ Per epoch the shard list is permuted from (seed, epoch) identically on every ran
 node (rank) and by DataLoader worker; every (rank, worker) "reader" yields exactly the same
 number of batches, so DDP ranks never wait on each other. Short readers are padded with rows
 marked ``valid == False``: padding never counts as exposure and carries no loss. Undecodable
-samples and shards that end early are skipped, counted by reason and reported in the batch.
+samples and shards that end early are skipped, counted by reason and reported in the batch
+(an undecodable sample leaves an invalid row in place, so batch composition never depends on
+decoding). Augmentation randomness is seeded per batch from (seed, epoch, reader, batch), so a
+resumed epoch (``set_epoch(e, start_batch)``) reads but does not decode the batches it skips and
+still yields exactly the batches, images included, of an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import json
 import logging
 import math
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import webdataset as wds
+import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -114,12 +122,14 @@ class ShardedSplitStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info else 0
         if (info.num_workers if info else 0) != self.workers:
             raise RuntimeError(f"stream built for {self.workers} workers but DataLoader has {info.num_workers if info else 0}")
+        # The DataLoader takes batches round-robin from its workers, starting at worker 0. Global batch g
+        # of the epoch comes from reader g % readers; on resume the first batch due is start_batch, so
+        # DataLoader worker w plays reader (w + start_batch) % readers.
+        worker = ((info.id if info else 0) + self.start_batch) % self.readers
         reader = self.rank * self.readers + worker
         reader_seed = f"amint:{self.seed}:{self.epoch}:{reader}"
-        torch.manual_seed(int.from_bytes(reader_seed.encode(), "little") % 2**63)  # reproducible augmentation
         order = epoch_shard_order(len(self.shards.urls), self.seed, self.epoch)
         mine = reader_shards(order, self.rank, self.world, worker, self.readers)
         skips = SkipLog()
@@ -130,26 +140,50 @@ class ShardedSplitStream(IterableDataset):
         ]
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(reader_seed)))
-        stages.append(wds.map(lambda s: decode_sample(s, self.transform, skips)))
         samples = iter(wds.DataPipeline(*stages))
-        total = self.batches_per_reader()
-        skip = (self.start_batch - worker + self.readers - 1) // self.readers  # DataLoader round-robins workers
-        for b in range(total):
-            batch = self._collate([s for s in (next(samples, None) for _ in range(self.batch_size)) if s], skips)
-            if b >= skip:
-                yield batch
+        first = (self.start_batch - worker + self.readers - 1) // self.readers  # this reader's batches already consumed
+        for b in range(self.batches_per_reader()):
+            raw = list(itertools.islice(samples, self.batch_size))
+            if b < first:
+                skips.drain()  # reported when the batch was first delivered
+                continue
+            with seeded_rng(f"{reader_seed}:{b}"):
+                rows = [decode_sample(s, self.transform, skips) for s in raw]
+            yield self._collate(rows, skips)
 
-    def _collate(self, rows: list[dict], skips: SkipLog) -> dict:
-        pad = self.batch_size - len(rows)
-        image = torch.stack([r["image"] for r in rows]) if rows else torch.zeros(0, *self.image_shape)
+    def _collate(self, rows: list[dict | None], skips: SkipLog) -> dict:
+        """Stack rows into a batch of ``batch_size``; undecodable rows (None) and padding are invalid."""
+        rows = rows + [None] * (self.batch_size - len(rows))
+        dtype = next((r["image"].dtype for r in rows if r), torch.float32)
+        blank = torch.zeros(self.image_shape, dtype=dtype)
         return {
-            "image": torch.cat([image, torch.zeros(pad, *self.image_shape, dtype=image.dtype)]),
-            "label": torch.tensor([r["label"] for r in rows] + [-1] * pad, dtype=torch.long),
-            "index": torch.tensor([r["index"] for r in rows] + [-1] * pad, dtype=torch.long),
-            "valid": torch.tensor([True] * len(rows) + [False] * pad),
-            "key": [r["key"] for r in rows] + [""] * pad,
+            "image": torch.stack([r["image"] if r else blank for r in rows]),
+            "label": torch.tensor([r["label"] if r else -1 for r in rows], dtype=torch.long),
+            "index": torch.tensor([r["index"] if r else -1 for r in rows], dtype=torch.long),
+            "valid": torch.tensor([r is not None for r in rows]),
+            "key": [r["key"] if r else "" for r in rows],
             "skipped": skips.drain(),
         }
+
+
+@contextmanager
+def seeded_rng(seed: str) -> Iterator[None]:
+    """Run the block with Python's, NumPy's and torch's (CPU) global RNGs seeded from ``seed``; restore them after.
+
+    timm transforms draw from all three; restoring keeps a ``workers=0`` reader from perturbing the
+    training process's own random streams.
+    """
+    n = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big")
+    saved = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
+    random.seed(n)
+    np.random.seed(n % 2**32)
+    torch.random.default_generator.manual_seed(n % 2**63)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.random.default_generator.set_state(saved[2])
 
 
 class SkipLog:
@@ -195,18 +229,18 @@ def decode_sample(sample: dict, transform: Callable, skips: SkipLog) -> dict | N
         skips.add(key, "no image")
         return None
     try:
-        meta = json.loads(sample["json"])
+        index = int(json.loads(sample["json"])["index"])
         label = int(sample["cls"])
     except (KeyError, ValueError, TypeError):
         skips.add(key, "missing or bad label/metadata")
         return None
     try:
         with Image.open(io.BytesIO(sample[ext])) as img:
-            image = transform(img.convert("RGB"))
+            rgb = img.convert("RGB")  # decodes fully
     except Exception as e:  # PIL raises many types for bad image bytes
         skips.add(key, f"undecodable image ({type(e).__name__})")
         return None
-    return {"image": image, "label": label, "index": int(meta["index"]), "key": key}
+    return {"image": transform(rgb), "label": label, "index": index, "key": key}  # a transform bug is no data error
 
 
 def make_loader(stream: ShardedSplitStream, pin_memory: bool = False) -> DataLoader:

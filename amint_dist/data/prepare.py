@@ -28,17 +28,18 @@ DATASET_FORMAT = "amint-dist-dataset/1"
 PREPARE_KEYS = {"kind", "root", "seed", "fractions", "workers", "shard_maxcount", "shard_maxsize",
                 "source", "image_field", "label_field", "num_classes", "classes", "overwrite"}
 
+READER_KEYS = {"transform", "augment", "shuffle_buffer", "max_skip_fraction"}  # used by training, not here
+
 _worker_source = None
 
 
 def prepare_dataset(cfg: Mapping[str, Any]) -> dict:
     """Write the dataset root described by ``cfg`` (the ``data`` config group); return splits.json."""
-    unknown = set(cfg) - PREPARE_KEYS
+    unknown = set(cfg) - PREPARE_KEYS - READER_KEYS
     if unknown:
         raise ValueError(f"unknown data config key(s) for prepare: {sorted(unknown)}; valid: {sorted(PREPARE_KEYS)}")
     root = Path(str(cfg["root"]))
-    if (root / "splits.json").exists() and not cfg.get("overwrite", False):
-        raise FileExistsError(f"dataset root already prepared: {root} (pass data.overwrite=true to rebuild it)")
+    _check_root(root, bool(cfg.get("overwrite", False)))
     fractions = validate_fractions(cfg["fractions"])
     seed, workers = int(cfg["seed"]), max(1, int(cfg.get("workers", 1)))
     maxcount, maxsize = int(cfg.get("shard_maxcount", 1000)), int(cfg.get("shard_maxsize", 1 << 30))
@@ -48,6 +49,8 @@ def prepare_dataset(cfg: Mapping[str, Any]) -> dict:
     started = time.time()
 
     records, skipped = _scan(source, workers)
+    if not records:
+        raise ValueError(f"no usable samples in source {source.describe()} ({len(skipped)} skipped)")
     by_split = _assign(records, seed, fractions)
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -84,12 +87,29 @@ def prepare_dataset(cfg: Mapping[str, Any]) -> dict:
     return manifest
 
 
+def _check_root(root: Path, overwrite: bool) -> None:
+    """Refuse an existing root unless ``overwrite``; even then, only ever replace a prepared dataset root."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise FileExistsError(f"dataset root exists and is not a directory: {root}")
+    prepared = (root / "splits.json").is_file()
+    if not prepared and not any(root.iterdir()):
+        return  # an empty directory is as good as a missing one
+    if not overwrite:
+        what = "dataset root already prepared" if prepared else "dataset root exists and is not empty"
+        raise FileExistsError(f"{what}: {root} (pass data.overwrite=true to rebuild it)")
+    if not prepared:
+        raise FileExistsError(f"refusing to overwrite {root}: not empty and not a prepared dataset root (no splits.json)")
+
+
 def _scan(source, workers: int) -> tuple[list[Record], list[Skip]]:
     records: list[Record] = []
     skipped: list[Skip] = []
     for result in _parallel(_scan_unit, source.units(), source, workers):
         records.extend(result.records)
         skipped.extend(result.skipped)
+    skipped.sort(key=lambda s: (s.key, s.file, s.reason))  # splits.json independent of source order
     for skip in skipped:
         log.warning("skipped %s (%s): %s", skip.key, skip.file, skip.reason)
     seen: dict[str, Record] = {}

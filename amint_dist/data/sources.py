@@ -22,6 +22,7 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "ppm", "tif", "tiff")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,8 @@ def undecodable_reason(payload: bytes) -> str | None:
         with Image.open(io.BytesIO(payload)) as img:
             img.load()
     except Exception as e:  # PIL raises many types for bad data
-        return f"undecodable image: {type(e).__name__}: {e}".replace("\n", " ")
+        message = _OBJECT_REPR.sub("<image bytes>", str(e)).replace("\n", " ")  # no memory addresses in splits.json
+        return f"undecodable image: {type(e).__name__}: {message}"
     return None
 
 
@@ -250,6 +252,10 @@ def _tar_groups(url: str) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
                     continue
                 directory, base = os.path.split(member.name)
                 groups.setdefault(os.path.join(directory, base.split(".", 1)[0]), []).append(member)
+            # tarfile stops silently at a cut or garbled header after the first member: demand the end marker
+            tar.fileobj.seek(tar.offset)
+            if tar.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"no end-of-archive marker at byte {tar.offset} (cut or garbled header)")
     except (tarfile.TarError, EOFError, OSError) as e:
         raise ValueError(f"corrupt or truncated tar: {url} ({type(e).__name__}: {e})") from None
     yield from groups.items()

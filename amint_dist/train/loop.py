@@ -1,0 +1,231 @@
+"""The aMINT training loop: members (task + MINT positives), probe (task only), external (MINT negatives)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
+from amint_dist.data.prepare import load_manifest
+from amint_dist.data.transforms import data_config_for, make_transform
+from amint_dist.dist import make_accelerator, reduce_sum, shared_run_dir
+from amint_dist.io import atomic_write_text
+from amint_dist.models import AuditableModel, build_auditable_model
+from amint_dist.tb import Monitor
+from amint_dist.train.artifacts import ensure_dataset, save_final_model
+from amint_dist.train.batches import CyclingBatches, combine, skip_reasons
+from amint_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from amint_dist.train.ledger import ExposureLedger
+from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
+from amint_dist.train.schedule import lr_at
+from amint_dist.train.state import TrainState
+from amint_dist.train.stats import StepStats
+
+log = logging.getLogger(__name__)
+MODEL_MINT_KEYS = ("mode", "taps", "head")
+
+
+def train(cfg: Mapping[str, Any]) -> Path:
+    """Train the audited model and its MINT head; return the run directory."""
+    tcfg, mcfg = cfg["train"], cfg["mint"]
+    accelerator = make_accelerator(tcfg)
+    set_seed(int(tcfg["seed"]))
+    run_dir = shared_run_dir(accelerator, cfg["run"]["dir"])
+    manifest = ensure_dataset(cfg["data"], accelerator)
+    model_cfg = {**cfg["model"], "num_classes": cfg["model"].get("num_classes") or manifest["num_classes"]}
+    model = build_auditable_model(model_cfg, {k: mcfg[k] for k in MODEL_MINT_KEYS if k in mcfg})
+    data_config = data_config_for(model.backbone, int(model_cfg["img_size"]), cfg["data"].get("transform"))
+    streams = _make_streams(cfg, manifest, data_config, accelerator)
+
+    optimizer = torch.optim.AdamW(model.param_groups(float(cfg["optim"]["weight_decay"])),
+                                  lr=float(cfg["optim"]["lr"]), betas=tuple(cfg["optim"]["betas"]))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    sizes = {s: int(n) for s, n in manifest["counts"].items()}
+    state, ledger = _start(cfg, accelerator, run_dir, sizes)
+    if accelerator.is_main_process and not (run_dir / "config.yaml").exists():
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
+    loop = _Loop(cfg, accelerator, model, optimizer, streams, state, ledger, Monitor(run_dir, accelerator.is_main_process))
+    loop.run(run_dir)
+    save_final_model(accelerator, model, run_dir, model_cfg, mcfg, data_config, cfg["data"]["root"], manifest)
+    summed = loop.ledger.summed(lambda t: reduce_sum(accelerator, t))  # a collective: every rank
+    if accelerator.is_main_process:
+        summed.save(run_dir / "ledger.npz")
+    accelerator.wait_for_everyone()
+    loop.monitor.close()
+    return run_dir
+
+
+def _start(cfg: Mapping, accelerator: Accelerator, run_dir: Path, sizes: dict[str, int]) -> tuple[TrainState, ExposureLedger]:
+    """Fresh state for a new run dir, or the latest checkpoint's with ``resume=latest``."""
+    resume = cfg.get("resume")
+    if resume:
+        path = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            raise FileNotFoundError(f"resume={resume}: no checkpoint under {run_dir / 'checkpoints'}")
+        accelerator.print(f"resuming from {path}")
+        return load_checkpoint(accelerator, path, sizes)
+    if (run_dir / "config.yaml").exists():
+        raise FileExistsError(f"run dir {run_dir} already holds a run; pass resume=latest or another run.dir")
+    return TrainState(world_size=accelerator.num_processes), ExposureLedger(sizes)
+
+
+def _make_streams(cfg: Mapping, manifest: Mapping, data_config: dict, accelerator: Accelerator) -> dict[str, ShardedSplitStream]:
+    """Member, probe and external streams for this rank; probe batch sized to keep pace with members."""
+    dcfg, tcfg = cfg["data"], cfg["train"]
+    batch = int(tcfg["batch_size"])
+    counts = manifest["counts"]
+    sizes = {"members": batch, "external": max(1, round(batch * float(cfg["mint"]["external_ratio"])))}
+    probe_batch = tcfg.get("probe_batch_size", "auto")
+    sizes["probe"] = round(batch * counts["probe"] / max(1, counts["members"])) if probe_batch == "auto" else int(probe_batch)
+    image_shape = tuple(data_config["input_size"])
+    transform = make_transform(data_config, dcfg.get("augment"))
+    return {
+        split: ShardedSplitStream(
+            SplitShards.from_root(dcfg["root"], split), transform, image_shape, n,
+            rank=accelerator.process_index, world=accelerator.num_processes, workers=int(dcfg["workers"]),
+            seed=int(tcfg["seed"]), shuffle=True, shuffle_buffer=int(dcfg["shuffle_buffer"]),
+        )
+        for split, n in sizes.items()
+        if n > 0 and counts[split] > 0
+    }
+
+
+class _Loop:
+    """One training run's mutable parts, stepped epoch by epoch."""
+
+    def __init__(self, cfg, accelerator, model, optimizer, streams, state, ledger, monitor):
+        self.cfg, self.accelerator, self.model, self.optimizer = cfg, accelerator, model, optimizer
+        self.streams, self.state, self.ledger, self.monitor = streams, state, ledger, monitor
+        tcfg, ocfg, mcfg = cfg["train"], cfg["optim"], cfg["mint"]
+        self.accum = int(tcfg["grad_accum"])
+        self.epochs = int(tcfg["epochs"])
+        self.total_steps = sum(len(self._members_epoch(e)) for e in range(self.epochs)) // self.accum
+        if int(tcfg.get("max_steps") or 0) > 0:
+            self.total_steps = min(self.total_steps, int(tcfg["max_steps"]))
+        steps_per_epoch = max(1, len(streams["members"]) // self.accum)
+        self.warmup = round(float(ocfg["warmup_epochs"]) * steps_per_epoch)
+        self.mint_on = cfg["mint"]["mode"] != "off"
+        self.losses = LossCombiner(float(mcfg["task_weight"]), float(mcfg["weight"]), bool(mcfg["normalize"]))
+        if state.loss_norms:
+            self.losses.set_norms(*state.loss_norms)
+        self.cycling = {s: CyclingBatches(st, *state.cursors.get(s, [0, 0])) for s, st in streams.items() if s != "members"}
+        self.window, self.epoch_stats = StepStats(), StepStats()
+
+    def _members_epoch(self, epoch: int) -> range:
+        stream = self.streams["members"]
+        return range(stream.batches_per_reader(epoch) * stream.readers // self.accum * self.accum)
+
+    def run(self, run_dir: Path) -> None:
+        tcfg = self.cfg["train"]
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
+                   desc="train", dynamic_ncols=True)
+        while self.state.epoch < self.epochs and not self._done():
+            members = self.streams["members"]
+            members.set_epoch(self.state.epoch, self.state.batch_in_epoch)
+            batches = iter(make_loader(members))
+            for _ in range(len(self._members_epoch(self.state.epoch)) - self.state.batch_in_epoch):
+                if self._done():
+                    break
+                stepped = self._micro_step(batches)
+                self.state.batch_in_epoch += 1
+                if not stepped:
+                    continue
+                bar.update(1)
+                if self.state.step % int(tcfg["log_every"]) == 0:
+                    self._log_window()
+                if int(tcfg["ckpt_every_steps"]) and self.state.step % int(tcfg["ckpt_every_steps"]) == 0:
+                    self._checkpoint(run_dir)
+            if self.state.batch_in_epoch >= len(self._members_epoch(self.state.epoch)):
+                self._end_epoch(run_dir)
+        bar.close()
+        self._checkpoint(run_dir)
+
+    def _done(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    def _micro_step(self, member_batches) -> bool:
+        """One member micro-batch (+ probe + external); True when it completed an optimizer step."""
+        waited = time.perf_counter()
+        parts = {"members": next(member_batches)}
+        parts.update({split: c.next() for split, c in self.cycling.items()})
+        started = time.perf_counter()
+        batch = combine(parts, self.accelerator.device)
+        with self.accelerator.accumulate(self.model):
+            logits, mint_logit = self.model(batch["image"])
+            loss_parts = LossParts(
+                task_loss(logits, batch["label"], batch["task_mask"], float(self.cfg["train"]["label_smoothing"])),
+                mint_loss(mint_logit, batch["is_member"], batch["mint_mask"]) if self.mint_on else None,
+            )
+            if self.losses.norms is None:
+                self._set_norms(loss_parts)
+            self.accelerator.backward(self.losses(loss_parts))
+            if self.accelerator.sync_gradients and float(self.cfg["optim"]["clip_grad"]) > 0:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), float(self.cfg["optim"]["clip_grad"]))
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        for split, b in parts.items():
+            self.ledger.record(split, b["index"], b["valid"])
+        reasons, _ = skip_reasons(parts)
+        self.state.count_skips(reasons)  # per rank until reduced in _log_window
+        for stats in (self.window, self.epoch_stats):
+            stats.add(batch, logits.detach(), None if mint_logit is None else mint_logit.detach(), loss_parts,
+                      data_wait=started - waited, step_time=time.perf_counter() - waited)
+        if not self.accelerator.sync_gradients:
+            return False
+        self.state.step += 1
+        self.state.cursors = {s: c.cursor() for s, c in self.cycling.items()}
+        return True
+
+    def _lr(self) -> float:
+        ocfg = self.cfg["optim"]
+        return lr_at(self.state.step, self.total_steps, float(ocfg["lr"]), self.warmup, float(ocfg["min_lr"]))
+
+    def _set_norms(self, parts: LossParts) -> None:
+        values = torch.tensor([parts.task.item(), parts.mint.item() if parts.mint is not None else 1.0], dtype=torch.float64)
+        mean = reduce_sum(self.accelerator, values) / self.accelerator.num_processes
+        self.losses.set_norms(*mean.tolist())
+        self.state.loss_norms = list(self.losses.norms)
+
+    def _log_window(self) -> None:
+        summary = self.window.reduce(lambda t: reduce_sum(self.accelerator, t))
+        summary["train/lr"] = self._lr()
+        self.monitor.scalars(summary, self.state.step)
+        members, external = self.window.mint_scores()
+        self.monitor.histogram("train/mint_score_members", members, self.state.step)
+        self.monitor.histogram("train/mint_score_external", external, self.state.step)
+        self.window = StepStats()
+
+    def _end_epoch(self, run_dir: Path) -> None:
+        summary = self.epoch_stats.reduce(lambda t: reduce_sum(self.accelerator, t))
+        skipped = self._reduced_skips()
+        self.monitor.scalars({f"data/skipped/{r}": n for r, n in skipped.items()}, self.state.step)
+        self.monitor.epoch_line({"epoch": self.state.epoch, "step": self.state.step, "lr": self._lr(),
+                                 **{k.split("/", 1)[1]: round(v, 6) for k, v in summary.items()},
+                                 "skipped": skipped, "exposures": self.ledger.total()})
+        self.epoch_stats = StepStats()
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        every = int(self.cfg["train"]["ckpt_every_epochs"])
+        if every and self.state.epoch % every == 0 and self.state.epoch < self.epochs:
+            self._checkpoint(run_dir)
+
+    def _reduced_skips(self) -> dict[str, int]:
+        reasons = sorted(self.state.skipped)
+        return {r: int(reduce_sum(self.accelerator, torch.tensor(self.state.skipped[r]))) for r in reasons}
+
+    def _checkpoint(self, run_dir: Path) -> None:
+        self.state.cursors = {s: c.cursor() for s, c in self.cycling.items()}
+        save_checkpoint(self.accelerator, run_dir, self.state, self.ledger, int(self.cfg["train"]["keep_checkpoints"]))

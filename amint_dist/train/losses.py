@@ -1,0 +1,51 @@
+"""The aMINT multi-task loss: task CE on trained rows, MINT BCE on members (1) vs external (0)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossParts:
+    task: torch.Tensor
+    mint: torch.Tensor | None
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy averaged over the rows in ``mask`` (zero, with gradient, when none)."""
+    losses = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none", label_smoothing=label_smoothing)
+    return _masked_mean(losses, mask)
+
+
+def mint_loss(mint_logit: torch.Tensor, is_member: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the membership logit over the rows in ``mask``."""
+    losses = F.binary_cross_entropy_with_logits(mint_logit.float(), is_member.float(), reduction="none")
+    return _masked_mean(losses, mask)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+class LossCombiner:
+    """``L = w_task * L_task / n_task + w_mint * L_mint / n_mint``; n's = first-step values when normalising."""
+
+    def __init__(self, task_weight: float, mint_weight: float, normalize: bool):
+        self.task_weight, self.mint_weight, self.normalize = task_weight, mint_weight, normalize
+        self.norms: tuple[float, float] | None = None if normalize else (1.0, 1.0)
+
+    def set_norms(self, task: float, mint: float) -> None:
+        """Fix the normalisers (first-step losses, averaged over ranks; restored on resume)."""
+        self.norms = (max(task, 1e-8), max(mint, 1e-8))
+
+    def __call__(self, parts: LossParts) -> torch.Tensor:
+        if self.norms is None:
+            raise RuntimeError("loss normalisers not set: call set_norms with the first step's losses")
+        total = self.task_weight * parts.task / self.norms[0]
+        if parts.mint is not None:
+            total = total + self.mint_weight * parts.mint / self.norms[1]
+        return total

@@ -1,0 +1,31 @@
+"""Resumable training position: steps, epoch, data cursors, loss normalisers, skip counts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # member epoch in progress
+    batch_in_epoch: int = 0  # member micro-batches of ``epoch`` already consumed on each rank
+    cursors: dict[str, list[int]] = field(default_factory=dict)  # split -> [epoch, batch position]
+    loss_norms: list[float] | None = None  # first-step (task, mint) losses, averaged over ranks
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> samples skipped, all ranks
+    world_size: int = 1
+
+    def count_skips(self, reasons: Counter) -> None:
+        for reason, n in reasons.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainState:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"train_state.json has unknown fields {sorted(unknown)}")
+        return cls(**data)
