@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -52,7 +51,6 @@ def combine(parts: Mapping[str, dict], device: torch.device) -> dict:
     }
 
 
-def skip_reasons(parts: Mapping[str, dict]) -> tuple[Counter, list[tuple[str, str]]]:
-    """Skipped samples reported by the readers with these batches: counts per reason and the entries."""
-    entries = [entry for b in parts.values() for entry in b["skipped"]]
-    return Counter(reason for _, reason in entries), entries
+def skipped_entries(parts: Mapping[str, dict]) -> list[tuple[str, str]]:
+    """(key or shard, reason) of the samples the readers skipped since their previous batches."""
+    return [entry for b in parts.values() for entry in b["skipped"]]

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -24,7 +23,7 @@ from amint_dist.io import atomic_write_text
 from amint_dist.models import AuditableModel, build_auditable_model
 from amint_dist.tb import Monitor
 from amint_dist.train.artifacts import ensure_dataset, save_final_model
-from amint_dist.train.batches import CyclingBatches, combine, skip_reasons
+from amint_dist.train.batches import CyclingBatches, combine, skipped_entries
 from amint_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from amint_dist.train.ledger import ExposureLedger
 from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
@@ -56,6 +55,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
     if accelerator.is_main_process and not (run_dir / "config.yaml").exists():
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
     loop = _Loop(cfg, accelerator, model, optimizer, streams, state, ledger, Monitor(run_dir, accelerator.is_main_process))
+    loop.exposure_log = _open_exposure_log(cfg, accelerator, run_dir, state.step)
     loop.run(run_dir)
     save_final_model(accelerator, model, run_dir, model_cfg, mcfg, data_config, cfg["data"]["root"], manifest)
     summed = loop.ledger.summed(lambda t: reduce_sum(accelerator, t))  # a collective: every rank
@@ -121,6 +121,8 @@ class _Loop:
             self.losses.set_norms(*state.loss_norms)
         self.cycling = {s: CyclingBatches(st, *state.cursors.get(s, [0, 0])) for s, st in streams.items() if s != "members"}
         self.window, self.epoch_stats = StepStats(), StepStats()
+        self.pending_skips: list[tuple[str, str]] = []  # this rank's skipped samples not yet merged
+        self.exposure_log = None
 
     def _members_epoch(self, epoch: int) -> range:
         stream = self.streams["members"]
@@ -150,6 +152,8 @@ class _Loop:
                 self._end_epoch(run_dir)
         bar.close()
         self._checkpoint(run_dir)
+        if self.exposure_log:
+            self.exposure_log.close()
 
     def _done(self) -> bool:
         return self.state.step >= self.total_steps
@@ -178,8 +182,10 @@ class _Loop:
             self.optimizer.zero_grad(set_to_none=True)
         for split, b in parts.items():
             self.ledger.record(split, b["index"], b["valid"])
-        reasons, _ = skip_reasons(parts)
-        self.state.count_skips(reasons)  # per rank until reduced in _log_window
+            if self.exposure_log:
+                self.exposure_log.write("".join(f"{self.state.step}\t{split}\t{i}\t{k}\n"
+                                                for i, k, v in zip(b["index"].tolist(), b["key"], b["valid"]) if v))
+        self.pending_skips.extend(skipped_entries(parts))
         for stats in (self.window, self.epoch_stats):
             stats.add(batch, logits.detach(), None if mint_logit is None else mint_logit.detach(), loss_parts,
                       data_wait=started - waited, step_time=time.perf_counter() - waited)
@@ -210,11 +216,12 @@ class _Loop:
 
     def _end_epoch(self, run_dir: Path) -> None:
         summary = self.epoch_stats.reduce(lambda t: reduce_sum(self.accelerator, t))
-        skipped = self._reduced_skips()
-        self.monitor.scalars({f"data/skipped/{r}": n for r, n in skipped.items()}, self.state.step)
+        new_skips = self._merge_skips()
+        self.monitor.scalars({f"data/skipped/{r}": n for r, n in self.state.skipped.items()}, self.state.step)
         self.monitor.epoch_line({"epoch": self.state.epoch, "step": self.state.step, "lr": self._lr(),
                                  **{k.split("/", 1)[1]: round(v, 6) for k, v in summary.items()},
-                                 "skipped": skipped, "exposures": self.ledger.total()})
+                                 "skipped": dict(self.state.skipped), "skipped_keys": new_skips,
+                                 "exposures_this_rank": self.ledger.total()})
         self.epoch_stats = StepStats()
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
@@ -222,10 +229,29 @@ class _Loop:
         if every and self.state.epoch % every == 0 and self.state.epoch < self.epochs:
             self._checkpoint(run_dir)
 
-    def _reduced_skips(self) -> dict[str, int]:
-        reasons = sorted(self.state.skipped)
-        return {r: int(reduce_sum(self.accelerator, torch.tensor(self.state.skipped[r]))) for r in reasons}
+    def _merge_skips(self) -> list[tuple[str, str]]:
+        """Gather every rank's new skips (a collective); add their counts to the shared state."""
+        entries = gather_object(self.pending_skips) if self.accelerator.num_processes > 1 else self.pending_skips
+        self.pending_skips = []
+        self.state.count_skips(Counter(reason for _, reason in entries))
+        return [list(e) for e in entries]
 
     def _checkpoint(self, run_dir: Path) -> None:
+        self._merge_skips()
         self.state.cursors = {s: c.cursor() for s, c in self.cycling.items()}
         save_checkpoint(self.accelerator, run_dir, self.state, self.ledger, int(self.cfg["train"]["keep_checkpoints"]))
+
+
+def _open_exposure_log(cfg: Mapping, accelerator: Accelerator, run_dir: Path, resume_step: int):
+    """Optional per-rank trace of every consumed sample (step, split, index, key), for verification.
+
+    On resume, lines of steps after the checkpoint (replayed now) are dropped so the trace stays exact.
+    """
+    if not cfg["train"].get("exposure_log"):
+        return None
+    path = run_dir / "exposure_log" / f"rank-{accelerator.process_index:05d}.tsv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines(True) if int(line.split("\t", 1)[0]) < resume_step]
+        atomic_write_text(path, "".join(kept))
+    return open(path, "a", buffering=1 << 16)

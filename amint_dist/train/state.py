@@ -17,6 +17,7 @@ class TrainState:
     world_size: int = 1
 
     def count_skips(self, reasons: Counter) -> None:
+        """Add skipped-sample counts (already summed over ranks)."""
         for reason, n in reasons.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
 
