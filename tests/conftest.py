@@ -90,3 +90,13 @@ def digits_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("digits") / "root"
     prepare_dataset(prep_cfg("digits", root, shard_maxcount=DIGITS_SPLIT_SHARDS, workers=2))
     return root
+
+
+@pytest.fixture(scope="session")
+def train_root(tmp_path_factory) -> Path:
+    """Digits prepared like the default config (32 samples per shard: >= 4 shards in every split). Read only."""
+    from amint_dist.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("train_digits") / "root"
+    prepare_dataset(prep_cfg("digits", root, shard_maxcount=32, workers=2))
+    return root

@@ -30,6 +30,15 @@ EXPECTED_PRESETS = {
 HEADS = ("conv", "mlp", "token")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add sync overhead (10x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def model_cfg(family: str) -> dict:
     return dict(FAMILIES[family], num_classes=NUM_CLASSES, img_size=IMG)
 

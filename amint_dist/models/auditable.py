@@ -26,8 +26,7 @@ class AuditableModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, mint_head: nn.Module | None, taps: Sequence[int], mode: str):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"unknown MINT mode {mode!r}; valid modes: {', '.join(MODES)}")
+        _check_mode(mode)
         if (mode == "off") != (mint_head is None):
             raise ValueError(f"MINT mode {mode!r} needs {'no' if mode == 'off' else 'a'} mint_head")
         self.backbone = backbone
@@ -59,6 +58,11 @@ class AuditableModel(nn.Module):
         """AdamW groups: no decay on 1-D params (norms, biases) and the backbone's `no_weight_decay()`."""
         skip = getattr(self.backbone, "no_weight_decay", set)()
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=[f"backbone.{n}" for n in skip])
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mint.mode: unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
 
 
 def _join_prefix(tap: Tensor | tuple[Tensor, Tensor]) -> Tensor:
@@ -102,13 +106,12 @@ def build_auditable_model(model_cfg: Mapping, mint_cfg: Mapping) -> AuditableMod
     model_cfg = _checked(model_cfg, "model", MODEL_KEYS, {"name", "num_classes", "img_size"})
     mint_cfg = _checked(mint_cfg, "mint", MINT_KEYS, {"mode"})
     mode = mint_cfg["mode"]
-    if mode not in MODES:
-        raise ValueError(f"mint.mode: unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
+    _check_mode(mode)
+    if mode != "off" and not {"taps", "head"} <= set(mint_cfg):
+        raise ValueError(f"mint: mode {mode!r} needs both 'taps' and 'head'")
     backbone = create_backbone(**model_cfg)
     if mode == "off":
         return AuditableModel(backbone, None, [], mode)
-    if "taps" not in mint_cfg or "head" not in mint_cfg:
-        raise ValueError(f"mint: mode {mode!r} needs both 'taps' and 'head'")
     head_cfg = _checked(mint_cfg["head"], "mint.head", HEAD_KEYS, {"kind"})
     taps = resolve_taps(backbone, mint_cfg["taps"])
     in_chs = [backbone.feature_info[i]["num_chs"] for i in taps]

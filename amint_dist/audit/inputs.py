@@ -1,0 +1,105 @@
+"""What is audited: a run dir (or a bare model.safetensors + model_config.json) and a dataset root.
+
+Loading verifies everything first (see ``verify``): the audit never scores unverified inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+from omegaconf import OmegaConf
+
+from amint_dist.audit import verify
+from amint_dist.data.prepare import load_manifest
+from amint_dist.io import read_json, sha256_file
+from amint_dist.models import AuditableModel, build_auditable_model
+from amint_dist.train.ledger import ExposureLedger
+
+Gather = Callable[[list], list]  # every rank's list items, concatenated in rank order (accelerate's gather_object)
+
+
+@dataclass
+class AuditInputs:
+    """Verified inputs of one audit."""
+
+    run_dir: Path
+    data_root: Path
+    manifest: dict
+    splits_sha256: str
+    model_config: dict
+    run_config: dict | None  # the run's config.yaml, None for a model trained elsewhere
+    ledger: ExposureLedger | None  # None when the run dir has no ledger.npz
+
+    @property
+    def mint_mode(self) -> str:
+        return self.model_config["mint"]["mode"]
+
+    def build_model(self) -> AuditableModel:
+        """The audited model with its verified weights (strict load: any missing/extra tensor refuses)."""
+        model = build_auditable_model(self.model_config["model"], self.model_config["mint"])
+        state = safetensors.torch.load_file(str(self.run_dir / "model.safetensors"))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0:2]
+            raise verify.TamperedError(f"{self.run_dir / 'model.safetensors'} does not fit model_config.json: "
+                                       f"{' '.join(first)}") from None
+        return model.eval()
+
+
+def _required(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0, world: int = 1,
+                gather: Gather = lambda items: items) -> AuditInputs:
+    """Read and verify the run dir and dataset root; every rank hashes its share of the dataset files.
+
+    ``data_root`` defaults to the root recorded in model_config.json, then to the run's config.yaml.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run dir not found: {run_dir}")
+    model_config = read_json(_required(run_dir / "model_config.json", "model config"), what="model config")
+    weights = _required(run_dir / "model.safetensors", "model weights")
+    config_path = run_dir / "config.yaml"
+    run_config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True) if config_path.is_file() else None
+    root = data_root or model_config.get("dataset", {}).get("root") or (run_config or {}).get("data", {}).get("root")
+    if not root:
+        raise ValueError(f"no dataset root recorded for {run_dir}: pass data.root=/path/to/root")
+    root = Path(root)
+    manifest = load_manifest(root)
+    splits_sha256 = sha256_file(root / "splits.json")
+
+    files = verify.dataset_files(root, manifest)
+    verify.raise_first(gather(verify.dataset_problems(files[rank::world])))
+    verify.verify_dataset_identity(root, splits_sha256, model_config)
+    verify.verify_weights(weights, model_config)
+    if run_config is not None:
+        verify.verify_model_config(run_config, model_config, config_path)
+    sizes = {split: int(meta["num_samples"]) for split, meta in manifest["splits"].items()}
+    ledger_path = run_dir / "ledger.npz"
+    ledger = ExposureLedger.load(ledger_path, sizes) if ledger_path.is_file() else None
+    return AuditInputs(run_dir, root, manifest, splits_sha256, model_config, run_config, ledger)
+
+
+def describe(inputs: AuditInputs) -> dict[str, Any]:
+    """What was audited, for the report."""
+    mc = inputs.model_config
+    return {
+        "run_dir": str(inputs.run_dir.resolve()),
+        "model": {"name": mc["model"]["name"], "mint": mc["mint"], "taps": mc.get("taps"),
+                  "weights_sha256": mc["weights_sha256"], "run_config": inputs.run_config is not None},
+        "dataset": {"root": str(inputs.data_root.resolve()), "splits_sha256": inputs.splits_sha256,
+                    "counts": inputs.manifest["counts"], "verified_files": len(verify.dataset_files(inputs.data_root, inputs.manifest))},
+    }
+
+
+def counts_by_split(manifest: Mapping[str, Any]) -> dict[str, int]:
+    return {split: int(meta["num_samples"]) for split, meta in manifest["splits"].items()}

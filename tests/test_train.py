@@ -1,0 +1,116 @@
+"""Training: run directory contract, exact exposure ledger, resume, TensorBoard, MINT modes."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from train_helpers import run_train
+
+EPOCHS = 2
+COMMON = (f"train.epochs={EPOCHS}", "optim.warmup_epochs=0.5", "train.exposure_log=true")
+
+
+@pytest.fixture(scope="module")
+def traced_run(tmp_path_factory, train_root) -> Path:
+    """Two epochs of the tiny model with the per-sample exposure trace on."""
+    run_dir = tmp_path_factory.mktemp("runs") / "traced"
+    run_train(run_dir, train_root, *COMMON)
+    return run_dir
+
+
+def read_trace(run_dir: Path) -> list[tuple[int, str, int, str]]:
+    rows = []
+    for f in sorted((run_dir / "exposure_log").glob("rank-*.tsv")):
+        for line in f.read_text().splitlines():
+            step, split, index, key = line.split("\t")
+            rows.append((int(step), split, int(index), key))
+    return rows
+
+
+def load_ledger(run_dir: Path) -> dict[str, np.ndarray]:
+    with np.load(run_dir / "ledger.npz", allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_run_dir_holds_every_artifact(traced_run):
+    for name in ("config.yaml", "model.safetensors", "model_config.json", "ledger.npz", "metrics.jsonl"):
+        assert (traced_run / name).is_file(), name
+    latest = (traced_run / "checkpoints" / "latest").read_text().strip()
+    assert (traced_run / "checkpoints" / latest / "train_state.json").is_file()
+    lines = [json.loads(x) for x in (traced_run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == list(range(EPOCHS))
+    assert all(0.0 <= x["mint_acc_members"] <= 1.0 and x["task_loss"] > 0 for x in lines)
+    config = json.loads((traced_run / "model_config.json").read_text())
+    weights = safetensors.torch.load_file(traced_run / "model.safetensors")
+    assert any(k.startswith("mint_head.") for k in weights) and any(k.startswith("backbone.") for k in weights)
+    assert config["taps"] == [0, 1] and config["dataset"]["num_classes"] == 10
+
+
+def test_ledger_equals_the_samples_the_loop_consumed(traced_run, train_root):
+    trace = read_trace(traced_run)
+    ledger = load_ledger(traced_run)
+    for split, counts in ledger.items():
+        keys = (train_root / split / "keys.txt").read_text().split()
+        assert counts.shape == (len(keys),)
+        consumed = Counter(i for _, s, i, _ in trace if s == split)
+        expected = np.zeros(len(keys), dtype=np.int64)
+        for i, n in consumed.items():
+            expected[i] = n
+        np.testing.assert_array_equal(counts, expected, err_msg=split)
+        assert all(keys[i] == k for _, s, i, k in trace if s == split), f"{split}: trace key != keys.txt[index]"
+    # every member entered exactly one optimizer step per epoch; heldout never
+    assert (ledger["members"] == EPOCHS).all()
+    assert ledger["heldout"].sum() == 0 and ledger["external"].sum() > 0 and ledger["probe"].sum() > 0
+
+
+def test_tensorboard_events_read_back(traced_run):
+    events = EventAccumulator(str(traced_run / "tb"), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/task_loss", "train/task_acc", "train/mint_loss", "train/mint_acc_members",
+                "train/mint_acc_external", "train/lr", "train/samples_per_s", "train/data_wait_frac"):
+        assert tag in scalars, tag
+    assert {"train/mint_score_members", "train/mint_score_external"} <= set(events.Tags()["histograms"])
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert max(lrs) > lrs[-1] > 0  # warm-up then cosine decay
+    waits = [e.value for e in events.Scalars("train/data_wait_frac")]
+    assert all(0.0 <= w <= 1.0 for w in waits)
+
+
+def test_interrupted_run_resumes_to_the_same_ledger(tmp_path, train_root, traced_run):
+    run_dir = tmp_path / "resumed"
+    run_train(run_dir, train_root, *COMMON, "train.max_steps=31")
+    first = load_ledger(run_dir)
+    n = len(first["members"])  # epoch 0: every member once (last batch padded), then 31 - ceil(n/32) full batches
+    assert first["members"].sum() == n + (31 - math.ceil(n / 32)) * 32
+    again = run_train(run_dir, train_root, *COMMON, check=False)
+    assert again.returncode == 2 and "resume=latest" in again.stderr  # a second start needs resume
+    run_train(run_dir, train_root, *COMMON, "resume=latest")
+    final, reference = load_ledger(run_dir), load_ledger(traced_run)
+    for split in reference:
+        np.testing.assert_array_equal(final[split], reference[split], err_msg=split)
+    assert sorted(read_trace(run_dir)) == sorted(read_trace(traced_run))
+
+
+@pytest.mark.parametrize("mode", ["off", "passive"])
+def test_other_mint_modes_train(tmp_path, train_root, mode):
+    run_dir = tmp_path / mode
+    run_train(run_dir, train_root, f"mint.mode={mode}", "train.max_steps=4")
+    weights = safetensors.torch.load_file(run_dir / "model.safetensors")
+    assert any(k.startswith("mint_head.") for k in weights) == (mode == "passive")
+    ledger = load_ledger(run_dir)
+    assert ledger["members"].sum() == 4 * 32
+
+
+def test_bad_config_is_one_line_error(tmp_path, train_root):
+    proc = run_train(tmp_path / "bad", train_root, "mint.head.kind=transformer", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "transformer" in proc.stderr
