@@ -9,8 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, MissingMandatoryValue)
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

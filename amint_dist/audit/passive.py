@@ -45,43 +45,53 @@ def train_passive(audited: AuditableModel, head: nn.Module, members: ShardedSpli
             external.set_epoch(epoch)
             model.backbone.eval()
             head.train()
-            sums = torch.zeros(5, dtype=torch.float64)  # loss * steps, member hits, members, external hits, external
+            sums = torch.zeros(6, dtype=torch.float64)  # loss, steps, member hits, members, external hits, external
             for pos, neg in zip(make_loader(members), make_loader(external)):
                 images = torch.cat([pos["image"][pos["valid"]], neg["image"][neg["valid"]]]).to(device)
-                n_pos = int(pos["valid"].sum())
-                is_member = (torch.arange(len(images)) < n_pos).to(device)
-                optimizer.zero_grad(set_to_none=False)
-                if len(images) > 1:  # a padding-only batch still joins the gradient all-reduce
+                is_member = (torch.arange(len(images)) < int(pos["valid"].sum())).to(device)
+                optimizer.zero_grad(set_to_none=True)
+                stepped = len(images) > 1  # a padding-only batch still joins the gradient all-reduce
+                if stepped:
                     with autocast():
                         _, logit = model(images)
                     loss = 0.5 * (mint_loss(logit, is_member, is_member) + mint_loss(logit, is_member, ~is_member))
                     loss.backward()
-                    hits = ((logit.detach() > 0) == is_member).cpu()
-                    member_rows = is_member.cpu()
-                    sums += torch.tensor([loss.item(), hits[member_rows].sum().item(), n_pos,
-                                          hits[~member_rows].sum().item(), len(images) - n_pos], dtype=torch.float64)
+                    sums += _batch_sums(loss, logit, is_member)
                 if world > 1:
                     _average_gradients(params, reduce_sum, world)
-                optimizer.step()
+                if stepped or world > 1:  # every rank steps with the same averaged gradients
+                    optimizer.step()
             history.append(_epoch_summary(epoch, reduce_sum(sums)))
+    if world > 1:
+        _average_buffers(head, reduce_sum, world)  # e.g. BatchNorm statistics: one head on every rank
     return history
 
 
+def _batch_sums(loss: torch.Tensor, logit: torch.Tensor, is_member: torch.Tensor) -> torch.Tensor:
+    hits = ((logit.detach() > 0) == is_member).cpu()
+    member = is_member.cpu()
+    return torch.tensor([loss.item(), 1, hits[member].sum(), member.sum(), hits[~member].sum(), (~member).sum()],
+                        dtype=torch.float64)
+
+
 def _average_gradients(params: list[nn.Parameter], reduce_sum: ReduceSum, world: int) -> None:
+    """Replace every gradient by its mean over ranks (missing gradients count as zeros)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = reduce_sum(torch.cat([g.reshape(-1) for g in grads]).cpu()) / world
+    flat = reduce_sum(torch.nn.utils.parameters_to_vector(grads).cpu()) / world
     torch.nn.utils.vector_to_parameters(flat.to(params[0].device), grads)
     for p, g in zip(params, grads):
         p.grad = g
 
 
+@torch.no_grad()
+def _average_buffers(module: nn.Module, reduce_sum: ReduceSum, world: int) -> None:
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            buffer.copy_(reduce_sum(buffer.cpu()).to(buffer.device) / world)
+
+
 def _epoch_summary(epoch: int, sums: torch.Tensor) -> dict:
-    loss, member_hits, members, external_hits, external = sums.tolist()
-    steps_note = max(members + external, 1)
-    return {
-        "epoch": epoch,
-        "loss_sum": loss,
-        "member_accuracy": member_hits / members if members else float("nan"),
-        "external_accuracy": external_hits / external if external else float("nan"),
-        "samples": int(steps_note),
-    }
+    loss, steps, member_hits, members, external_hits, external = sums.tolist()
+    ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
+    return {"epoch": epoch, "loss": ratio(loss, steps), "member_accuracy": ratio(member_hits, members),
+            "external_accuracy": ratio(external_hits, external), "members": int(members), "external": int(external)}

@@ -35,16 +35,8 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def plot_roc(
-    curves: Mapping[str, LabelledScores], path: str | os.PathLike | None, title: str = "ROC"
-) -> Figure:
-    """Linear and log-log ROC panels, one curve per method, AUC in the legend.
-
-    The log-log panel starts at ``min(1e-3, 1 / n_non_members)``; FPR = 0 points are clipped.
-    Written to ``path`` as a PNG unless ``path`` is None.
-    """
-    fig = _new_figure(11, 5)
-    linear, loglog = fig.subplots(1, 2)
+def _draw_roc(linear, loglog, curves: Mapping[str, LabelledScores]) -> None:
+    """One curve per method on a linear and a log-log axis, AUC in the legend."""
     n_neg_max = 1
     for name, (labels, scores) in curves.items():
         fpr, tpr, _ = roc_points(labels, scores)
@@ -60,7 +52,33 @@ def plot_roc(
         ax.grid(alpha=0.3)
     loglog.set(xscale="log", yscale="log")
     linear.legend(loc="lower right", fontsize="small")
+
+
+def plot_roc(
+    curves: Mapping[str, LabelledScores], path: str | os.PathLike | None, title: str = "ROC"
+) -> Figure:
+    """Linear and log-log ROC panels, one curve per method, AUC in the legend.
+
+    The log-log panel starts at ``min(1e-3, 1 / n_non_members)``; FPR = 0 points are clipped.
+    Written to ``path`` as a PNG unless ``path`` is None.
+    """
+    fig = _new_figure(11, 5)
+    _draw_roc(*fig.subplots(1, 2), curves)
     fig.suptitle(title)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def plot_rocs(
+    protocols: Mapping[str, Mapping[str, LabelledScores]], path: str | os.PathLike | None
+) -> Figure:
+    """``plot_roc``'s two panels, one row per protocol (titled by it). Written to ``path`` unless None."""
+    fig = _new_figure(11, 4.5 * len(protocols))
+    for (linear, loglog), (protocol, curves) in zip(fig.subplots(len(protocols), 2, squeeze=False), protocols.items()):
+        _draw_roc(linear, loglog, curves)
+        linear.set_title(f"{protocol}: linear")
+        loglog.set_title(f"{protocol}: log-log")
     if path is not None:
         save_figure(fig, path)
     return fig

@@ -19,6 +19,7 @@ from amint_dist.data.pipeline import ShardedSplitStream, make_loader
 
 Scored = dict[str, np.ndarray]  # column -> one entry per sample; "key", "index", "label", "correct", methods
 ID_COLUMNS = ("key", "index", "label", "correct")
+EMPTY = {"index": np.int64, "label": np.int64, "correct": bool}  # dtype of a column with no rows (else float64)
 
 
 @torch.no_grad()
@@ -55,7 +56,7 @@ def score_split(model: nn.Module, stream: ShardedSplitStream, head_names: Sequen
 def _stack(name: str, values: list) -> np.ndarray:
     if name == "key":
         return np.asarray(values, dtype=str)
-    return np.concatenate(values) if values else np.zeros(0)
+    return np.concatenate(values) if values else np.zeros(0, EMPTY.get(name, np.float64))
 
 
 def gather_split(parts: Sequence[Scored], split: str) -> Scored:

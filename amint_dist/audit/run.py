@@ -1,0 +1,147 @@
+"""The audit job: verify, train the passive baseline, score every split once, gather, report (rank 0)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from amint_dist import __version__
+from amint_dist.audit.inputs import AuditInputs, describe, load_inputs
+from amint_dist.audit.passive import fresh_head, train_passive
+from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
+from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, summary_notes,
+                                     task_section, write_outputs)
+from amint_dist.audit.baselines import BASELINES
+from amint_dist.audit.scoring import StackedHeads, gather_split, score_split
+from amint_dist.data.pipeline import ShardedSplitStream, SplitShards
+from amint_dist.data.transforms import make_transform
+from amint_dist.dist import reduce_sum
+from amint_dist.models import AuditableModel
+from amint_dist.tb import Monitor
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class _Reader:
+    """Eval-transform streams of the dataset root for this rank."""
+
+    inputs: AuditInputs
+    rank: int
+    world: int
+    workers: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        data_config = self.inputs.model_config["data_config"]
+        self.transform = make_transform(data_config, None)  # eval transform: no augmentation
+        self.image_shape = tuple(data_config["input_size"])
+
+    def stream(self, split: str, batch_size: int, shuffle: bool) -> ShardedSplitStream:
+        shards = SplitShards.from_root(self.inputs.data_root, split)
+        workers = min(self.workers, len(shards.urls) // self.world)  # small splits: fewer loader workers
+        return ShardedSplitStream(shards, self.transform, self.image_shape, batch_size, rank=self.rank,
+                                  world=self.world, workers=workers, seed=self.seed, shuffle=shuffle)
+
+
+def _protocols(names: list) -> list[str]:
+    """Requested protocols; a bare ``null`` (None to YAML and Hydra) means the null protocol."""
+    names = ["null" if n is None else str(n) for n in names]
+    unknown = sorted(set(names) - set(PROTOCOLS))
+    if unknown:
+        raise ValueError(f"audit.protocols: unknown {unknown}; valid: {list(PROTOCOLS)}")
+    return list(dict.fromkeys(names))
+
+
+def _check(acfg: Mapping[str, Any]) -> None:
+    if not 0 <= float(acfg["calibration_fraction"]) < 1:
+        raise ValueError(f"audit.calibration_fraction must lie in [0, 1), got {acfg['calibration_fraction']}")
+    if acfg["precision"] not in PRECISIONS:
+        raise ValueError(f"audit.precision: {acfg['precision']!r} is not one of {PRECISIONS}")
+    if int(acfg["n_boot"]) < 1 or int(acfg["batch_size"]) < 1:
+        raise ValueError("audit.n_boot and audit.batch_size must be positive")
+
+
+def run_audit(cfg: Mapping[str, Any]) -> Path:
+    """Audit ``cfg.run.dir`` (optionally against ``cfg.data.root``); return the path of report.md on every rank."""
+    acfg, pcfg = cfg["audit"], cfg["audit"]["passive"]
+    run_dir = (cfg.get("run") or {}).get("dir")
+    if not run_dir:
+        raise ValueError("run.dir is required: a training run dir, or a dir with model.safetensors + model_config.json")
+    _check(acfg)
+    requested = _protocols(acfg["protocols"])
+    seed = int(acfg["seed"])
+    accelerator = Accelerator()  # rank, world, device and collectives only: nothing is prepared
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    inputs = load_inputs(run_dir, (cfg.get("data") or {}).get("root"), rank, world, gather_object)
+    counts = inputs.manifest["counts"]
+    out_dir = Path(acfg.get("out_dir") or Path(run_dir) / "audit")
+    model = inputs.build_model().to(device)
+    reader = _Reader(inputs, rank, world, int(acfg["workers"]), seed)
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=acfg["precision"] == "bf16")
+    notes: list[str] = []
+
+    heads, names, history = [], [], []
+    if inputs.mint_mode == "off":
+        notes.append("the model has no MINT head (mint.mode=off): no amint or passive scores")
+    else:
+        heads, names = [model.mint_head], ["amint"]
+        if inputs.mint_mode == "passive":
+            notes.append("the model's head was trained passively (mint.mode=passive): 'amint' is a passive head")
+    if heads and pcfg["enabled"] and counts["members"] and counts["external"]:
+        head = fresh_head(inputs.model_config, seed)
+        batch = int(pcfg["batch_size"])
+        external_batch = max(1, round(batch * counts["external"] / counts["members"]))
+        history = train_passive(model, head, reader.stream("members", batch, True),
+                                reader.stream("external", external_batch, True), int(pcfg["epochs"]),
+                                float(pcfg["lr"]), seed, device, autocast, partial(reduce_sum, accelerator), world)
+        heads.append(head)
+        names.append("passive")
+    scorer = AuditableModel(model.backbone, StackedHeads(heads), model.taps, "passive") if heads else model
+
+    protocols = [p for p in requested if counts[PROTOCOLS[p][0]] and counts[NONMEMBER_SPLIT]]
+    notes += [f"protocol {p} skipped: its splits are empty" for p in requested if p not in protocols]
+    scored, skipped = {}, {}
+    for split in dict.fromkeys([*(PROTOCOLS[p][0] for p in protocols), NONMEMBER_SPLIT]):
+        part = score_split(scorer, reader.stream(split, int(acfg["batch_size"]), False), names, device, autocast)
+        parts = gather_object([part])
+        scored[split] = gather_split([columns for columns, _ in parts], split)
+        skipped[split] = sum((skips for _, skips in parts), Counter())
+
+    report_path = out_dir / "report.md"
+    if accelerator.is_main_process:
+        methods = [*names, *BASELINES]
+        samples = [build_protocol(p, scored, inputs.ledger, methods, seed, float(acfg["calibration_fraction"]))
+                   for p in protocols]
+        results = {s.name: {"description": PROTOCOLS[s.name][1], "member_split": PROTOCOLS[s.name][0],
+                            "nonmember_split": NONMEMBER_SPLIT, **s.counts,
+                            **evaluate_protocol(s, methods, int(acfg["n_boot"]), seed)} for s in samples}
+        if inputs.ledger is None:
+            notes.append("no exposure ledger (model trained elsewhere?): members are the whole members/probe "
+                         "splits as prepared, not checked against what training consumed")
+        report = {
+            "format": REPORT_FORMAT,
+            "tool_version": __version__,
+            "audited": describe(inputs),
+            "ledger": inputs.ledger is not None,
+            "members_rule": "exposure ledger > 0 (consumed by training); non-members: ledger == 0"
+            if inputs.ledger is not None else "no ledger: members = the members/probe split as prepared",
+            "settings": {**{k: v for k, v in acfg.items() if k != "out_dir"}, "protocols": requested, "world_size": world},
+            "methods": {m: METHOD_DESCRIPTIONS[m] for m in methods},
+            "notes": notes + summary_notes(results),
+            "task": task_section({s: c["correct"] for s, c in scored.items()}),
+            "scored": {s: {"n": int(c["key"].size), "skipped": dict(skipped[s])} for s, c in scored.items()},
+            "passive_training": history,
+            "protocols": results,
+        }
+        write_outputs(out_dir, report, samples, Monitor(Path(run_dir), True))
+    accelerator.wait_for_everyone()
+    return report_path
