@@ -31,22 +31,26 @@ class CyclingBatches:
         return batch
 
 
+TASK_PARTS = ("members", "probe")  # rows with a task loss
+MINT_POSITIVE_PARTS = ("members",)
+MINT_NEGATIVE_PARTS = ("external", "member_shifts")
+
+
 def combine(parts: Mapping[str, dict], device: torch.device) -> dict:
-    """Concatenate member/probe/external batches into one forward's tensors and loss masks."""
-    rows = {name: len(b["label"]) for name, b in parts.items()}
+    """Concatenate the step's batches into one forward's tensors and per-row loss masks."""
+    def rows_of(names: tuple[str, ...]) -> torch.Tensor:
+        return torch.cat([torch.full((len(b["label"]),), name in names) for name, b in parts.items()])
+
     cat = lambda key: torch.cat([b[key] for b in parts.values()])  # noqa: E731
-    split_of_row = torch.cat([torch.full((n,), i) for i, n in enumerate(rows.values())])
-    names = list(rows)
     valid = cat("valid")
-    is_member_row = split_of_row == names.index("members")
-    is_external_row = split_of_row == names.index("external")
+    is_member = rows_of(MINT_POSITIVE_PARTS)
     return {
         "image": cat("image").to(device, non_blocking=True),
         "label": cat("label").to(device, non_blocking=True),
-        "task_mask": (valid & ~is_external_row).to(device),
-        "mint_mask": (valid & (is_member_row | is_external_row)).to(device),
-        "is_member": is_member_row.to(device),
-        "is_external": is_external_row.to(device),
+        "task_mask": (valid & rows_of(TASK_PARTS)).to(device),
+        "mint_mask": (valid & (is_member | rows_of(MINT_NEGATIVE_PARTS))).to(device),
+        "is_member": is_member.to(device),
+        "is_external": rows_of(("external",)).to(device),
         "valid": valid,
     }
 

@@ -26,6 +26,7 @@ from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.batches import CyclingBatches, combine, skipped_entries
 from amint_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from amint_dist.train.ledger import ExposureLedger
+from amint_dist.train.negatives import shifted_member_batch
 from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
 from amint_dist.train.schedule import lr_at
 from amint_dist.train.state import TrainState
@@ -116,6 +117,7 @@ class _Loop:
         steps_per_epoch = max(1, len(streams["members"]) // self.accum)
         self.warmup = round(float(ocfg["warmup_epochs"]) * steps_per_epoch)
         self.mint_on = cfg["mint"]["mode"] != "off"
+        self.member_shift = int(mcfg.get("member_shift", 0))
         self.losses = LossCombiner(float(mcfg["task_weight"]), float(mcfg["weight"]), bool(mcfg["normalize"]))
         if state.loss_norms:
             self.losses.set_norms(*state.loss_norms)
@@ -164,6 +166,10 @@ class _Loop:
         parts = {"members": next(member_batches)}
         parts.update({split: c.next() for split, c in self.cycling.items()})
         started = time.perf_counter()
+        if self.member_shift and self.mint_on:
+            gen = torch.Generator().manual_seed(hash((int(self.cfg["train"]["seed"]), self.state.step,
+                                                      self.state.batch_in_epoch, self.accelerator.process_index)))
+            parts["member_shifts"] = shifted_member_batch(parts["members"], self.member_shift, gen)
         batch = combine(parts, self.accelerator.device)
         with self.accelerator.accumulate(self.model):
             logits, mint_logit = self.model(batch["image"])
@@ -181,6 +187,8 @@ class _Loop:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         for split, b in parts.items():
+            if split not in self.ledger.counts:
+                continue
             self.ledger.record(split, b["index"], b["valid"])
             if self.exposure_log:
                 self.exposure_log.write("".join(f"{self.state.step}\t{split}\t{i}\t{k}\n"

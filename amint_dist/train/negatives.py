@@ -1,0 +1,36 @@
+"""Near-member negatives: members translated by a few pixels, shown to the MINT head as non-members.
+
+External samples alone teach the head "not these 451 images"; translated copies of members teach
+it that membership means *this exact image*, so unseen look-alikes of members read as non-members.
+Whole-pixel shifts with replicated edges keep the images' value distribution (no noise artifacts).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def shifted_copies(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image translated by a random non-zero (dy, dx) with |dy|, |dx| <= ``max_shift``."""
+    n, _, h, w = images.shape
+    s = max_shift
+    padded = F.pad(images, (s, s, s, s), mode="replicate")
+    offsets = torch.randint(-s, s + 1, (n, 2), generator=generator)
+    zero = (offsets == 0).all(dim=1)
+    offsets[zero, 1] = torch.where(torch.rand(int(zero.sum()), generator=generator) < 0.5, -s, s)
+    return torch.stack([padded[i, :, s + dy : s + dy + h, s + dx : s + dx + w]
+                        for i, (dy, dx) in enumerate(offsets.tolist())])
+
+
+def shifted_member_batch(members: dict, max_shift: int, generator: torch.Generator) -> dict:
+    """A negatives batch from a member batch: shifted images, no task labels, same valid rows."""
+    n = len(members["label"])
+    return {
+        "image": shifted_copies(members["image"], max_shift, generator),
+        "label": torch.full((n,), -1, dtype=torch.long),
+        "index": torch.full((n,), -1, dtype=torch.long),
+        "valid": members["valid"].clone(),
+        "key": [""] * n,
+        "skipped": [],
+    }
