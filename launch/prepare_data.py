@@ -1,19 +1,16 @@
 """Prepare a dataset root: ``python launch/prepare_data.py data=<source> [data.*=...]``."""
 
-import hydra
-from omegaconf import DictConfig
+from pathlib import Path
 
-from amint_dist.cli import one_line_errors, to_dict
+from amint_dist.cli import run_cli
 from amint_dist.data.prepare import prepare_dataset
 
 
-@hydra.main(config_path="../configs", config_name="prepare_data", version_base="1.3")
-@one_line_errors
-def main(cfg: DictConfig) -> None:
-    manifest = prepare_dataset(to_dict(cfg.data))
-    print(f"dataset root {cfg.data.root}: {manifest['total']} samples {manifest['counts']}, "
+def main(cfg: dict) -> None:
+    manifest = prepare_dataset(cfg["data"])
+    print(f"dataset root {cfg['data']['root']}: {manifest['total']} samples {manifest['counts']}, "
           f"{manifest['num_skipped']} skipped")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(str(Path(__file__).resolve().parents[1] / "configs"), "prepare_data", main)

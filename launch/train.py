@@ -1,27 +1,24 @@
 """Train an auditable model: ``accelerate launch launch/train.py [hydra overrides]``."""
 
-import hydra
-from accelerate import PartialState
-from hydra import compose
-from omegaconf import DictConfig
+from pathlib import Path
 
-from amint_dist.audit.run import run_audit
-from amint_dist.cli import one_line_errors, to_dict
+from accelerate import PartialState
+
+from amint_dist.audit.run import audit_config, run_audit
+from amint_dist.cli import run_cli
 from amint_dist.train.loop import train
 
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
-@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
-@one_line_errors
-def main(cfg: DictConfig) -> None:
-    run_dir = train(to_dict(cfg))
+
+def main(cfg: dict) -> None:
+    run_dir = train(cfg)
     print(f"run finished: {run_dir}")
-    if cfg.audit:  # configs/audit.yaml defaults, on this run and the dataset root it was trained on
-        audit_cfg = compose("audit")
-        audit_cfg.run.dir = str(run_dir)
-        report = run_audit(to_dict(audit_cfg))
+    if cfg["audit"]:  # configs/audit.yaml's defaults, on this run and the dataset root it was trained on
+        report = run_audit(audit_config(CONFIGS, run_dir))
         if PartialState().is_main_process:
             print(f"audit report: {report}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(CONFIGS, "train", main)

@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from train_helpers import run_train
+from train_helpers import REPO, TINY, run_train
 
 EPOCHS = 2
 COMMON = (f"train.epochs={EPOCHS}", "optim.warmup_epochs=0.5", "train.exposure_log=true")
@@ -110,7 +110,38 @@ def test_other_mint_modes_train(tmp_path, train_root, mode):
     assert ledger["members"].sum() == 4 * 32
 
 
-def test_bad_config_is_one_line_error(tmp_path, train_root):
-    proc = run_train(tmp_path / "bad", train_root, "mint.head.kind=transformer", check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error:") and "transformer" in proc.stderr
+@pytest.mark.parametrize("overrides, culprit", [
+    (["mint.head.kind=transformer"], "transformer"),
+    (["model.name=vit_nonexistent_patch99"], "vit_nonexistent_patch99"),
+    (["mint.taps=[0,7]"], "7"),
+    (["train.epoch=3"], "epoch"),
+    (["resume=latest"], "no checkpoint"),
+])
+def test_bad_input_is_one_line_error(tmp_path, train_root, capsys, overrides, culprit):
+    error = train_cli_error(tmp_path, train_root, overrides, capsys)
+    assert culprit in error
+
+
+def test_empty_external_split_is_refused(tmp_path, capsys):
+    from amint_dist.data.prepare import prepare_dataset
+    from conftest import prep_cfg
+
+    root = tmp_path / "no_external"
+    prepare_dataset(prep_cfg("digits", root, fractions={"members": 0.6, "probe": 0.1, "heldout": 0.3},
+                             shard_maxcount=64))
+    error = train_cli_error(tmp_path, root, ["train.max_steps=1"], capsys)
+    assert "'external'" in error and "empty" in error
+
+
+def train_cli_error(tmp_path: Path, data_root: Path, overrides: list[str], capsys) -> str:
+    """Run launch/train.py's CLI in-process; it must exit 2 with exactly one ``error:`` line."""
+    from amint_dist.cli import run_cli
+    from amint_dist.train.loop import train
+
+    argv = [f"run.dir={tmp_path / 'bad'}", f"data.root={data_root}", *TINY, *overrides]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(str(REPO / "configs"), "train", train, argv=argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    return lines[0]

@@ -39,7 +39,7 @@ MODEL_MINT_KEYS = ("mode", "taps", "head")
 def train(cfg: Mapping[str, Any]) -> Path:
     """Train the audited model and its MINT head; return the run directory."""
     tcfg, mcfg = cfg["train"], cfg["mint"]
-    accelerator = make_accelerator(tcfg)
+    accelerator = make_accelerator(tcfg, cfg["optim"])
     set_seed(int(tcfg["seed"]))
     run_dir = shared_run_dir(accelerator, cfg["run"]["dir"])
     manifest = ensure_dataset(cfg["data"], accelerator)
@@ -53,6 +53,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     sizes = {s: int(n) for s, n in manifest["counts"].items()}
     state, ledger = _start(cfg, accelerator, run_dir, sizes)
+    accelerator.wait_for_everyone()  # every rank has checked the run dir before rank 0 writes config.yaml
     if accelerator.is_main_process and not (run_dir / "config.yaml").exists():
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
     loop = _Loop(cfg, accelerator, model, optimizer, streams, state, ledger, Monitor(run_dir, accelerator.is_main_process))
@@ -89,6 +90,11 @@ def _make_streams(cfg: Mapping, manifest: Mapping, data_config: dict, accelerato
     sizes = {"members": batch, "external": max(1, round(batch * float(cfg["mint"]["external_ratio"])))}
     probe_batch = tcfg.get("probe_batch_size", "auto")
     sizes["probe"] = round(batch * counts["probe"] / max(1, counts["members"])) if probe_batch == "auto" else int(probe_batch)
+    needed = ["members"] + (["external"] if cfg["mint"]["mode"] != "off" else [])
+    empty = [split for split in needed if not counts[split]]
+    if empty:
+        raise ValueError(f"split {empty[0]!r} of {dcfg['root']} is empty: training needs members"
+                         + (" and external MINT negatives" if cfg["mint"]["mode"] != "off" else ""))
     image_shape = tuple(data_config["input_size"])
     transform = make_transform(data_config, dcfg.get("augment"))
     return {
@@ -172,6 +178,8 @@ class _Loop:
             parts["member_shifts"] = shifted_member_batch(parts["members"], self.member_shift, gen)
         batch = combine(parts, self.accelerator.device)
         with self.accelerator.accumulate(self.model):
+            for group in self.optimizer.param_groups:  # before backward: DeepSpeed steps inside accelerator.backward
+                group["lr"] = self._lr()
             logits, mint_logit = self.model(batch["image"])
             loss_parts = LossParts(
                 task_loss(logits, batch["label"], batch["task_mask"], float(self.cfg["train"]["label_smoothing"])),
@@ -182,8 +190,6 @@ class _Loop:
             self.accelerator.backward(self.losses(loss_parts))
             if self.accelerator.sync_gradients and float(self.cfg["optim"]["clip_grad"]) > 0:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), float(self.cfg["optim"]["clip_grad"]))
-            for group in self.optimizer.param_groups:
-                group["lr"] = self._lr()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         for split, b in parts.items():
@@ -247,7 +253,8 @@ class _Loop:
     def _checkpoint(self, run_dir: Path) -> None:
         self._merge_skips()
         self.state.cursors = {s: c.cursor() for s, c in self.cycling.items()}
-        save_checkpoint(self.accelerator, run_dir, self.state, self.ledger, int(self.cfg["train"]["keep_checkpoints"]))
+        save_checkpoint(self.accelerator, run_dir, self.state, self.ledger, int(self.cfg["train"]["keep_checkpoints"]),
+                        model=self.model)
 
 
 def _open_exposure_log(cfg: Mapping, accelerator: Accelerator, run_dir: Path, resume_step: int):
