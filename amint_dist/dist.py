@@ -1,16 +1,51 @@
-"""Accelerate/DeepSpeed glue: one Accelerator per run, a run directory shared by every rank."""
+"""Accelerate/DeepSpeed glue: one Accelerator per run, CPU fallbacks, a shared run dir, rank agreement checks.
+
+``accelerate launch --config_file configs/accelerate/X.yaml`` decides the engine (single process, DDP,
+DeepSpeed ZeRO-2/3) and the world; this module makes the same configs work on a machine without CUDA
+(gloo, DeepSpeed's CPU accelerator) and fills the DeepSpeed config from the Hydra config, which owns
+batch size, accumulation, clipping and precision.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, broadcast_object_list, gather_object
+
+REPO = Path(__file__).resolve().parents[1]
+# DeepSpeed config keys the Hydra config owns (train.batch_size, train.grad_accum, optim.clip_grad, train.precision)
+DS_OWNED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+                 "gradient_clipping", "bf16", "fp16", "torch_autocast")
+
+
+def cpu_only() -> bool:
+    """True without CUDA; then point DeepSpeed at its CPU accelerator (before anything imports deepspeed)."""
+    if torch.cuda.is_available():
+        return False
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return True
+
+
+cpu_only()  # at import: deepspeed reads DS_ACCELERATOR once, when it is first imported
+
+
+def under_deepspeed() -> bool:
+    """Launched by ``accelerate launch`` with a DeepSpeed config."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def launched_world() -> int:
+    """World size the launcher (torchrun / accelerate / srun + accelerate) announced; 1 when not launched."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def resolve_precision(precision: str) -> str:
@@ -20,12 +55,89 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def make_accelerator(train_cfg: Mapping[str, Any]) -> Accelerator:
-    """The run's single Accelerator (DeepSpeed/DDP settings come from ``accelerate launch``)."""
-    return Accelerator(
-        mixed_precision=resolve_precision(str(train_cfg["precision"])),
-        gradient_accumulation_steps=int(train_cfg["grad_accum"]),
-    )
+def make_accelerator(train_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any]) -> Accelerator:
+    """The run's single Accelerator; refuses a world smaller than the launcher started."""
+    precision = resolve_precision(str(train_cfg["precision"]))
+    kwargs: dict[str, Any] = {}
+    no_cuda = cpu_only()
+    if under_deepspeed():
+        kwargs["deepspeed_plugin"] = deepspeed_plugin(deepspeed_config(train_cfg, optim_cfg, precision))
+        if no_cuda:  # Accelerate picks no backend on CPU unless told: every rank would think it is alone
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    elif no_cuda and launched_world() > 1:
+        kwargs["cpu"] = True  # Accelerate's multi-CPU DDP over gloo
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=int(train_cfg["grad_accum"]),
+                              **kwargs)
+    check_world(accelerator)
+    return accelerator
+
+
+def check_world(accelerator: Accelerator | PartialState) -> None:
+    """Fail loudly when ranks were launched but Accelerate formed a smaller world (each rank training alone)."""
+    if accelerator.num_processes != launched_world():
+        raise RuntimeError(f"the launcher started WORLD_SIZE={launched_world()} processes but Accelerate sees "
+                           f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train "
+                           "unsynchronised copies")
+
+
+def deepspeed_config_path() -> Path:
+    """The JSON named by the accelerate config (relative paths: from the working dir, else the repo)."""
+    name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if name == "none":
+        raise ValueError("DeepSpeed launch without deepspeed_config_file: use configs/accelerate/deepspeed_zero*.yaml")
+    path = Path(name)
+    return path if path.is_absolute() or path.exists() else REPO / path
+
+
+def deepspeed_config(train_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any], precision: str,
+                     path: Path | None = None) -> dict:
+    """The DeepSpeed config: the JSON's ZeRO settings plus the numbers the Hydra config owns; no ``auto``.
+
+    ``train_micro_batch_size_per_gpu`` counts member rows (``train.batch_size``): a micro-batch forward also
+    carries probe and external rows, but DeepSpeed uses the number only for ``train_batch_size`` bookkeeping
+    and throughput logs; the loss is normalised by the loop. Clipping is DeepSpeed's (``engine.step``), since
+    ``accelerator.clip_grad_norm_`` does nothing under DeepSpeed. bf16 is DeepSpeed's ``torch_autocast``:
+    fp32 weights (as under DDP), bf16 matmuls, so checkpoints and the final weights stay fp32.
+    """
+    path = path or deepspeed_config_path()
+    cfg = json.loads(Path(path).read_text())
+    autos = [key for key, value in _leaves(cfg) if value == "auto"]
+    if autos:
+        raise ValueError(f"{path}: 'auto' needs a HF model config; give numbers for {', '.join(autos)}")
+    owned = [k for k in DS_OWNED_KEYS if k in cfg]
+    if owned:
+        raise ValueError(f"{path} sets {', '.join(owned)}: these come from train.batch_size, train.grad_accum, "
+                         "optim.clip_grad and train.precision; remove them from the JSON")
+    if precision == "fp16":
+        raise ValueError("train.precision=fp16 under DeepSpeed is not supported here: use bf16 or no")
+    zero = cfg.setdefault("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 3:
+        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
+            raise ValueError(f"{path}: ZeRO-3 needs stage3_gather_16bit_weights_on_model_save: true "
+                             "(model.safetensors is consolidated from the shards)")
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    cfg.update({
+        "train_micro_batch_size_per_gpu": int(train_cfg["batch_size"]),
+        "gradient_accumulation_steps": int(train_cfg["grad_accum"]),
+        "gradient_clipping": float(optim_cfg["clip_grad"]),
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
+    })
+    return cfg
+
+
+def deepspeed_plugin(config: dict) -> DeepSpeedPlugin:
+    """Plugin from a complete config; no ``zero.Init`` (timm builds the model; DeepSpeed partitions it)."""
+    return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)
+
+
+def _leaves(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def shared_run_dir(accelerator: Accelerator, run_dir: str | None, root: str = "runs") -> Path:
@@ -43,3 +155,71 @@ def reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
     if accelerator.num_processes == 1:
         return tensor
     return accelerator.reduce(tensor.to(accelerator.device), reduction="sum").cpu()
+
+
+def engine_name(accelerator: Accelerator, model: Any) -> str:
+    """``single``, ``ddp`` or ``zero<stage>``, read from the prepared model itself."""
+    if hasattr(model, "zero_optimization_stage"):
+        return f"zero{model.zero_optimization_stage()}"
+    return "ddp" if isinstance(model, torch.nn.parallel.DistributedDataParallel) else "single"
+
+
+def full_parameters(accelerator: Accelerator, model: Any, chunk: int = 64) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of every parameter on every rank; ZeRO-3 shards are gathered a chunk at a time.
+
+    A collective under ZeRO-3: every rank must iterate it to the end.
+    """
+    params = list(accelerator.unwrap_model(model).named_parameters())
+    if not any(hasattr(p, "ds_id") for _, p in params):
+        yield from params
+        return
+    import deepspeed
+
+    for start in range(0, len(params), chunk):
+        part = params[start : start + chunk]
+        with deepspeed.zero.GatheredParameters([p for _, p in part]):
+            yield from part
+
+
+def rank_report(accelerator: Accelerator, model: Any) -> dict:
+    """This rank's place in the world and a sha256 of the full parameters it would compute with."""
+    digest = hashlib.sha256()
+    full = 0
+    for name, p in full_parameters(accelerator, model):
+        t = p.detach().contiguous().cpu()
+        digest.update(name.encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+        full += t.numel()
+    params = accelerator.unwrap_model(model).parameters()
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return {
+        "rank": accelerator.process_index,
+        "local_rank": accelerator.local_process_index,
+        "node_rank": int(os.environ.get("GROUP_RANK") or os.environ.get("NODE_RANK") or os.environ.get("SLURM_NODEID") or 0),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "world_size": accelerator.num_processes,
+        "torch_world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        "device": str(accelerator.device),
+        "param_numel": full,
+        "local_param_numel": local,  # ZeRO-3: this rank's shard only
+        "param_sha256": digest.hexdigest(),
+    }
+
+
+def check_ranks_agree(accelerator: Accelerator, model: Any) -> dict:
+    """Gather every rank's report (a collective); raise when ranks hold different parameters."""
+    mine = rank_report(accelerator, model)
+    reports = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    summary = {
+        "engine": engine_name(accelerator, model),
+        "distributed_type": str(accelerator.distributed_type),
+        "world_size": accelerator.num_processes,
+        "ranks": sorted(reports, key=lambda r: r["rank"]),
+    }
+    if accelerator.state.deepspeed_plugin is not None:
+        summary["deepspeed_config"] = accelerator.state.deepspeed_plugin.deepspeed_config
+    if len({r["param_sha256"] for r in reports}) != 1:
+        raise RuntimeError(f"ranks hold different parameters: {[(r['rank'], r['param_sha256'][:12]) for r in reports]}")
+    return summary

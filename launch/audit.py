@@ -1,20 +1,19 @@
-"""Audit a trained model: ``python launch/audit.py run.dir=RUN [data.root=ROOT] [audit.*=...]``."""
+"""Audit a trained model: ``python launch/audit.py run.dir=RUN [data.root=ROOT] [audit.*=...]``
+(or ``accelerate launch launch/audit.py ...``: every rank scores its own shards, rank 0 writes)."""
 
-import hydra
+from pathlib import Path
+
 from accelerate import PartialState
-from omegaconf import DictConfig
 
 from amint_dist.audit.run import run_audit
-from amint_dist.cli import one_line_errors, to_dict
+from amint_dist.cli import run_cli
 
 
-@hydra.main(config_path="../configs", config_name="audit", version_base="1.3")
-@one_line_errors
-def main(cfg: DictConfig) -> None:
-    report = run_audit(to_dict(cfg))
+def main(cfg: dict) -> None:
+    report = run_audit(cfg)
     if PartialState().is_main_process:
         print(f"audit report: {report}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(str(Path(__file__).resolve().parents[1] / "configs"), "audit", main)

@@ -15,13 +15,20 @@ TINY = [
 ]
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def train_command(run_dir: Path, data_root: Path, *overrides: str, launcher: list[str] | None = None) -> list[str]:
+    """``python launch/train.py`` (or ``launcher + [launch/train.py]``) with the tiny test model."""
+    return (launcher or [sys.executable]) + [str(REPO / "launch" / "train.py"), f"run.dir={run_dir}",
+                                             f"data.root={data_root}", *TINY, *overrides]
+
+
 def run_train(run_dir: Path, data_root: Path, *overrides: str, check: bool = True, launcher: list[str] | None = None,
               timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python launch/train.py`` (or ``launcher + [launch/train.py]``) with the tiny test model."""
-    cmd = (launcher or [sys.executable]) + [str(REPO / "launch" / "train.py"), f"run.dir={run_dir}",
-                                            f"data.root={data_root}", *TINY, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    """Run :func:`train_command` to the end; raise with its output tail when it fails and ``check``."""
+    cmd = train_command(run_dir, data_root, *overrides, launcher=launcher)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

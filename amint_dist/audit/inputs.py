@@ -5,7 +5,7 @@ Loading verifies everything first (see ``verify``): the audit never scores unver
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,12 +77,12 @@ def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0
     manifest = load_manifest(root)
     splits_sha256 = sha256_file(root / "splits.json")
 
-    files = verify.dataset_files(root, manifest)
-    verify.raise_first(gather(verify.dataset_problems(files[rank::world])))
-    verify.verify_dataset_identity(root, splits_sha256, model_config)
+    verify.verify_dataset_identity(root, splits_sha256, model_config)  # the cheap checks first
     verify.verify_weights(weights, model_config)
     if run_config is not None:
         verify.verify_model_config(run_config, model_config, config_path)
+    files = verify.dataset_files(root, manifest)
+    verify.raise_first(gather(verify.dataset_problems(files[rank::world])))
     sizes = {split: int(meta["num_samples"]) for split, meta in manifest["splits"].items()}
     ledger_path = run_dir / "ledger.npz"
     ledger = ExposureLedger.load(ledger_path, sizes) if ledger_path.is_file() else None
@@ -97,9 +97,7 @@ def describe(inputs: AuditInputs) -> dict[str, Any]:
         "model": {"name": mc["model"]["name"], "mint": mc["mint"], "taps": mc.get("taps"),
                   "weights_sha256": mc["weights_sha256"], "run_config": inputs.run_config is not None},
         "dataset": {"root": str(inputs.data_root.resolve()), "splits_sha256": inputs.splits_sha256,
-                    "counts": inputs.manifest["counts"], "verified_files": len(verify.dataset_files(inputs.data_root, inputs.manifest))},
+                    "counts": inputs.manifest["counts"],
+                    "verified_files": len(verify.dataset_files(inputs.data_root, inputs.manifest))},
     }
 
-
-def counts_by_split(manifest: Mapping[str, Any]) -> dict[str, int]:
-    return {split: int(meta["num_samples"]) for split, meta in manifest["splits"].items()}

@@ -49,7 +49,8 @@ def _consumed(ledger: ExposureLedger | None, split: str, scored: Scored) -> np.n
 
 
 def _rows(scored: Scored, split: str, mask: np.ndarray, label: int, methods: list[str]) -> dict[str, np.ndarray]:
-    out = {"key": scored["key"][mask], "split": np.full(int(mask.sum()), split), "label": np.full(int(mask.sum()), label, np.int8)}
+    n = int(mask.sum())
+    out = {"key": scored["key"][mask], "split": np.full(n, split), "label": np.full(n, label, np.int8)}
     return {**out, **{m: scored[m][mask] for m in methods}}
 
 
@@ -76,8 +77,8 @@ def build_protocol(name: str, scored: Mapping[str, Scored], ledger: ExposureLedg
     """Select, label, split into calibration/evaluation and balance one protocol's samples."""
     member_split = PROTOCOLS[name][0]
     held = scored[NONMEMBER_SPLIT]
-    never = _consumed(ledger, NONMEMBER_SPLIT, held)
-    clean = np.ones(held["key"].size, bool) if never is None else ~never
+    held_consumed = _consumed(ledger, NONMEMBER_SPLIT, held)
+    clean = np.ones(held["key"].size, bool) if held_consumed is None else ~held_consumed
     counts = {"nonmembers_excluded_consumed": int((~clean).sum())}
     if name == "null":
         first_half = key_units(seed, "null-half", held["key"]) < 0.5

@@ -10,20 +10,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate import PartialState
+from accelerate.utils import gather_object, reduce
+from hydra import compose, initialize_config_dir
+from torch import nn
 
 from amint_dist import __version__
+from amint_dist.audit.baselines import BASELINES
 from amint_dist.audit.inputs import AuditInputs, describe, load_inputs
 from amint_dist.audit.passive import fresh_head, train_passive
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
 from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, summary_notes,
                                      task_section, write_outputs)
-from amint_dist.audit.baselines import BASELINES
 from amint_dist.audit.scoring import StackedHeads, gather_split, score_split
+from amint_dist.cli import to_dict
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards
-from amint_dist.data.transforms import make_transform
-from amint_dist.dist import reduce_sum
+from amint_dist.data.transforms import data_config_for, make_transform
+from amint_dist.dist import check_world, cpu_only, launched_world
 from amint_dist.models import AuditableModel
 from amint_dist.tb import Monitor
 
@@ -35,13 +38,15 @@ class _Reader:
     """Eval-transform streams of the dataset root for this rank."""
 
     inputs: AuditInputs
+    model: AuditableModel
     rank: int
     world: int
     workers: int
     seed: int
 
     def __post_init__(self) -> None:
-        data_config = self.inputs.model_config["data_config"]
+        data_config = self.inputs.model_config.get("data_config") or data_config_for(  # as in training, else timm's
+            self.model.backbone, int(self.inputs.model_config["model"]["img_size"]))
         self.transform = make_transform(data_config, None)  # eval transform: no augmentation
         self.image_shape = tuple(data_config["input_size"])
 
@@ -70,60 +75,55 @@ def _check(acfg: Mapping[str, Any]) -> None:
         raise ValueError("audit.n_boot and audit.batch_size must be positive")
 
 
+def audit_config(config_dir: str | Path, run_dir: str | Path) -> dict:
+    """``config_dir/audit.yaml`` with its defaults, auditing ``run_dir`` (how a training job audits its run)."""
+    with initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3"):
+        cfg = compose("audit")
+    cfg.run.dir = str(run_dir)
+    return to_dict(cfg)
+
+
+def _process_state() -> PartialState:
+    """Rank, world, device and collectives (no Accelerator: nothing is prepared); gloo ranks without CUDA."""
+    state = PartialState(cpu=cpu_only() and launched_world() > 1)
+    check_world(state)
+    return state
+
+
 def run_audit(cfg: Mapping[str, Any]) -> Path:
     """Audit ``cfg.run.dir`` (optionally against ``cfg.data.root``); return the path of report.md on every rank."""
-    acfg, pcfg = cfg["audit"], cfg["audit"]["passive"]
+    acfg = cfg["audit"]
     run_dir = (cfg.get("run") or {}).get("dir")
     if not run_dir:
         raise ValueError("run.dir is required: a training run dir, or a dir with model.safetensors + model_config.json")
     _check(acfg)
     requested = _protocols(acfg["protocols"])
-    seed = int(acfg["seed"])
-    accelerator = Accelerator()  # rank, world, device and collectives only: nothing is prepared
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    inputs = load_inputs(run_dir, (cfg.get("data") or {}).get("root"), rank, world, gather_object)
+    state = _process_state()
+    inputs = load_inputs(run_dir, (cfg.get("data") or {}).get("root"), state.process_index, state.num_processes,
+                         gather_object)
+    model = inputs.build_model().to(state.device)
+    reader = _Reader(inputs, model, state.process_index, state.num_processes, int(acfg["workers"]), int(acfg["seed"]))
+    autocast = partial(torch.autocast, state.device.type, dtype=torch.bfloat16, enabled=acfg["precision"] == "bf16")
+    scorer, names, history, notes = _mint_heads(inputs, model, acfg, reader, state, autocast)
+
     counts = inputs.manifest["counts"]
-    out_dir = Path(acfg.get("out_dir") or Path(run_dir) / "audit")
-    model = inputs.build_model().to(device)
-    reader = _Reader(inputs, rank, world, int(acfg["workers"]), seed)
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=acfg["precision"] == "bf16")
-    notes: list[str] = []
-
-    heads, names, history = [], [], []
-    if inputs.mint_mode == "off":
-        notes.append("the model has no MINT head (mint.mode=off): no amint or passive scores")
-    else:
-        heads, names = [model.mint_head], ["amint"]
-        if inputs.mint_mode == "passive":
-            notes.append("the model's head was trained passively (mint.mode=passive): 'amint' is a passive head")
-    if heads and pcfg["enabled"] and counts["members"] and counts["external"]:
-        head = fresh_head(inputs.model_config, seed)
-        batch = int(pcfg["batch_size"])
-        external_batch = max(1, round(batch * counts["external"] / counts["members"]))
-        history = train_passive(model, head, reader.stream("members", batch, True),
-                                reader.stream("external", external_batch, True), int(pcfg["epochs"]),
-                                float(pcfg["lr"]), seed, device, autocast, partial(reduce_sum, accelerator), world)
-        heads.append(head)
-        names.append("passive")
-    scorer = AuditableModel(model.backbone, StackedHeads(heads), model.taps, "passive") if heads else model
-
     protocols = [p for p in requested if counts[PROTOCOLS[p][0]] and counts[NONMEMBER_SPLIT]]
     notes += [f"protocol {p} skipped: its splits are empty" for p in requested if p not in protocols]
     scored, skipped = {}, {}
     for split in dict.fromkeys([*(PROTOCOLS[p][0] for p in protocols), NONMEMBER_SPLIT]):
-        part = score_split(scorer, reader.stream(split, int(acfg["batch_size"]), False), names, device, autocast)
-        parts = gather_object([part])
+        stream = reader.stream(split, int(acfg["batch_size"]), shuffle=False)
+        parts = gather_object([score_split(scorer, stream, names, state.device, autocast)])
         scored[split] = gather_split([columns for columns, _ in parts], split)
         skipped[split] = sum((skips for _, skips in parts), Counter())
 
-    report_path = out_dir / "report.md"
-    if accelerator.is_main_process:
+    out_dir = Path(acfg.get("out_dir") or Path(run_dir) / "audit")
+    if state.is_main_process:
         methods = [*names, *BASELINES]
-        samples = [build_protocol(p, scored, inputs.ledger, methods, seed, float(acfg["calibration_fraction"]))
-                   for p in protocols]
+        samples = [build_protocol(p, scored, inputs.ledger, methods, int(acfg["seed"]),
+                                  float(acfg["calibration_fraction"])) for p in protocols]
         results = {s.name: {"description": PROTOCOLS[s.name][1], "member_split": PROTOCOLS[s.name][0],
                             "nonmember_split": NONMEMBER_SPLIT, **s.counts,
-                            **evaluate_protocol(s, methods, int(acfg["n_boot"]), seed)} for s in samples}
+                            **evaluate_protocol(s, methods, int(acfg["n_boot"]), int(acfg["seed"]))} for s in samples}
         if inputs.ledger is None:
             notes.append("no exposure ledger (model trained elsewhere?): members are the whole members/probe "
                          "splits as prepared, not checked against what training consumed")
@@ -134,7 +134,8 @@ def run_audit(cfg: Mapping[str, Any]) -> Path:
             "ledger": inputs.ledger is not None,
             "members_rule": "exposure ledger > 0 (consumed by training); non-members: ledger == 0"
             if inputs.ledger is not None else "no ledger: members = the members/probe split as prepared",
-            "settings": {**{k: v for k, v in acfg.items() if k != "out_dir"}, "protocols": requested, "world_size": world},
+            "settings": {**{k: v for k, v in acfg.items() if k != "out_dir"}, "protocols": requested,
+                         "world_size": state.num_processes},
             "methods": {m: METHOD_DESCRIPTIONS[m] for m in methods},
             "notes": notes + summary_notes(results),
             "task": task_section({s: c["correct"] for s, c in scored.items()}),
@@ -143,5 +144,34 @@ def run_audit(cfg: Mapping[str, Any]) -> Path:
             "protocols": results,
         }
         write_outputs(out_dir, report, samples, Monitor(Path(run_dir), True))
-    accelerator.wait_for_everyone()
-    return report_path
+    state.wait_for_everyone()
+    return out_dir / "report.md"
+
+
+def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: Mapping[str, Any], reader: _Reader,
+                state: PartialState, autocast) -> tuple[nn.Module, list[str], list[dict], list[str]]:
+    """The scoring model (backbone + every MINT head on one pass), head names, passive training log, notes."""
+    if inputs.mint_mode == "off":
+        return model, [], [], ["the model has no MINT head (mint.mode=off): no amint or passive scores"]
+    notes = ["the model's head was trained passively (mint.mode=passive): 'amint' is a passive head"
+             ] if inputs.mint_mode == "passive" else []
+    heads, names, history = [model.mint_head], ["amint"], []
+    pcfg, counts = acfg["passive"], inputs.manifest["counts"]
+    if pcfg["enabled"] and counts["members"] and counts["external"]:
+        head = fresh_head(inputs.model_config, int(acfg["seed"]))
+        batch = int(pcfg["batch_size"])
+        external_batch = max(1, round(batch * counts["external"] / counts["members"]))
+        history = train_passive(model, head, reader.stream("members", batch, shuffle=True),
+                                reader.stream("external", external_batch, shuffle=True), int(pcfg["epochs"]),
+                                float(pcfg["lr"]), int(acfg["seed"]), state.device, autocast,
+                                partial(_reduce_sum, state.device), state.num_processes)
+        heads.append(head)
+        names.append("passive")
+    elif pcfg["enabled"]:
+        notes.append("passive MINT skipped: the members or external split is empty")
+    return AuditableModel(model.backbone, StackedHeads(heads), model.taps, "passive"), names, history, notes
+
+
+def _reduce_sum(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over ranks (through the device, for NCCL); back on the CPU."""
+    return reduce(tensor.to(device), reduction="sum").cpu()

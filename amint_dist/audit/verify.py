@@ -37,7 +37,8 @@ def file_problem(path: Path, expected: str) -> str | None:
         return f"dataset file missing: {path} (listed in splits.json)"
     actual = sha256_file(path)
     if actual != expected:
-        return f"dataset file tampered or corrupted: {path} has sha256 {actual[:16]}..., splits.json says {expected[:16]}..."
+        return (f"dataset file tampered or corrupted: {path} has sha256 {actual[:16]}..., "
+                f"splits.json says {expected[:16]}...")
     return None
 
 
@@ -58,7 +59,8 @@ def verify_weights(weights: Path, model_config: Mapping[str, Any]) -> None:
     """``model.safetensors`` must hash to the ``weights_sha256`` recorded next to it."""
     expected = model_config.get("weights_sha256")
     if not expected:
-        raise ValueError(f"{weights.parent / 'model_config.json'} records no weights_sha256")
+        raise ValueError(f"{weights.parent / 'model_config.json'} records no weights_sha256 "
+                         f"(add the sha256 of {weights.name} to audit a model trained elsewhere)")
     if sha256_file(weights) != expected:
         raise TamperedError(f"{weights} does not match model_config.json weights_sha256 "
                             "(another run's checkpoint, or modified weights): refusing to audit")

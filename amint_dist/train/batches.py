@@ -33,7 +33,7 @@ class CyclingBatches:
 
 TASK_PARTS = ("members", "probe")  # rows with a task loss
 MINT_POSITIVE_PARTS = ("members",)
-MINT_NEGATIVE_PARTS = ("external", "member_shifts")
+MINT_NEGATIVE_PARTS = ("external", "members_shifted", "external_shifted")
 
 
 def combine(parts: Mapping[str, dict], device: torch.device) -> dict:

@@ -1,4 +1,4 @@
-"""Checkpoints: Accelerate state on every rank + ledger per rank + train state; ``latest`` moved last."""
+"""Checkpoints: Accelerate state on every rank + ledger per rank + rank agreement + train state; ``latest`` last."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from amint_dist.dist import check_ranks_agree
 from amint_dist.io import atomic_write_json, atomic_write_text
 from amint_dist.train.ledger import ExposureLedger
 from amint_dist.train.state import TrainState
@@ -20,14 +21,21 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, ledger: ExposureLedger,
-                    keep_last: int) -> Path:
-    """Save on every rank (DeepSpeed needs it); the checkpoint counts only once ``latest`` names it."""
+                    keep_last: int, model=None) -> Path:
+    """Save on every rank (DeepSpeed needs it); the checkpoint counts only once ``latest`` names it.
+
+    With ``model``, every rank's parameter checksum is gathered into ``distributed.json`` (world, engine,
+    hosts) and a checkpoint of diverged ranks is refused.
+    """
     root = checkpoint_root(run_dir)
     path = root / f"step-{state.step:08d}"
+    agreement = check_ranks_agree(accelerator, model) if model is not None else None  # a collective
     accelerator.save_state(str(path))
     ledger.save(path / f"ledger-rank{accelerator.process_index:05d}.npz")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if agreement is not None:
+            atomic_write_json(path / "distributed.json", {"step": state.step, **agreement})
         atomic_write_json(path / "train_state.json", state.to_dict())
         atomic_write_text(root / LATEST, path.name + "\n")
         _prune(root, keep_last, keep=path.name)

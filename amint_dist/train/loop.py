@@ -26,7 +26,7 @@ from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.batches import CyclingBatches, combine, skipped_entries
 from amint_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from amint_dist.train.ledger import ExposureLedger
-from amint_dist.train.negatives import shifted_member_batch
+from amint_dist.train.negatives import shifted_batch
 from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
 from amint_dist.train.schedule import lr_at
 from amint_dist.train.state import TrainState
@@ -39,6 +39,7 @@ MODEL_MINT_KEYS = ("mode", "taps", "head")
 def train(cfg: Mapping[str, Any]) -> Path:
     """Train the audited model and its MINT head; return the run directory."""
     tcfg, mcfg = cfg["train"], cfg["mint"]
+    _refuse_sample_mixing(tcfg)
     accelerator = make_accelerator(tcfg, cfg["optim"])
     set_seed(int(tcfg["seed"]))
     run_dir = shared_run_dir(accelerator, cfg["run"]["dir"])
@@ -66,6 +67,14 @@ def train(cfg: Mapping[str, Any]) -> Path:
     accelerator.wait_for_everyone()
     loop.monitor.close()
     return run_dir
+
+
+def _refuse_sample_mixing(tcfg: Mapping) -> None:
+    """Refuse mixup/cutmix: a blended member is no sample the ledger or the audit can name."""
+    mixing = {k: float(tcfg.get(k) or 0.0) for k in ("mixup", "cutmix")}
+    if any(mixing.values()):
+        raise ValueError(f"train.mixup={mixing['mixup']}, train.cutmix={mixing['cutmix']}: batch mixing is refused, "
+                         "members must stay identifiable (see docs/distributed.md, 'Mixup and CutMix'); set both to 0")
 
 
 def _start(cfg: Mapping, accelerator: Accelerator, run_dir: Path, sizes: dict[str, int]) -> tuple[TrainState, ExposureLedger]:
@@ -123,7 +132,7 @@ class _Loop:
         steps_per_epoch = max(1, len(streams["members"]) // self.accum)
         self.warmup = round(float(ocfg["warmup_epochs"]) * steps_per_epoch)
         self.mint_on = cfg["mint"]["mode"] != "off"
-        self.member_shift = int(mcfg.get("member_shift", 0))
+        self.shifts = {"members": int(mcfg.get("member_shift", 0)), "external": int(mcfg.get("external_shift", 0))}
         self.losses = LossCombiner(float(mcfg["task_weight"]), float(mcfg["weight"]), bool(mcfg["normalize"]))
         if state.loss_norms:
             self.losses.set_norms(*state.loss_norms)
@@ -172,10 +181,11 @@ class _Loop:
         parts = {"members": next(member_batches)}
         parts.update({split: c.next() for split, c in self.cycling.items()})
         started = time.perf_counter()
-        if self.member_shift and self.mint_on:
+        if self.mint_on and any(self.shifts.values()):
             gen = torch.Generator().manual_seed(hash((int(self.cfg["train"]["seed"]), self.state.step,
                                                       self.state.batch_in_epoch, self.accelerator.process_index)))
-            parts["member_shifts"] = shifted_member_batch(parts["members"], self.member_shift, gen)
+            parts.update({f"{split}_shifted": shifted_batch(parts[split], shift, gen)
+                          for split, shift in self.shifts.items() if shift})
         batch = combine(parts, self.accelerator.device)
         with self.accelerator.accumulate(self.model):
             for group in self.optimizer.param_groups:  # before backward: DeepSpeed steps inside accelerator.backward

@@ -1,8 +1,9 @@
-"""Near-member negatives: members translated by a few pixels, shown to the MINT head as non-members.
+"""Shifted negatives: members (and/or external samples) translated by a few pixels, labelled non-member.
 
-External samples alone teach the head "not these 451 images"; translated copies of members teach
-it that membership means *this exact image*, so unseen look-alikes of members read as non-members.
-Whole-pixel shifts with replicated edges keep the images' value distribution (no noise artifacts).
+External samples alone teach the head "not these few images"; translated copies of members teach
+it that membership means *this exact image*, and translated externals add fresh natural-looking
+non-members every step. Whole-pixel shifts with replicated edges keep the images' value
+distribution (no noise or blur artifacts the head could key on).
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ def shifted_copies(images: torch.Tensor, max_shift: int, generator: torch.Genera
                         for i, (dy, dx) in enumerate(offsets.tolist())])
 
 
-def shifted_member_batch(members: dict, max_shift: int, generator: torch.Generator) -> dict:
-    """A negatives batch from a member batch: shifted images, no task labels, same valid rows."""
-    n = len(members["label"])
+def shifted_batch(batch: dict, max_shift: int, generator: torch.Generator) -> dict:
+    """A MINT-negatives batch from a batch: shifted images, no task labels, same valid rows."""
+    n = len(batch["label"])
     return {
-        "image": shifted_copies(members["image"], max_shift, generator),
+        "image": shifted_copies(batch["image"], max_shift, generator),
         "label": torch.full((n,), -1, dtype=torch.long),
         "index": torch.full((n,), -1, dtype=torch.long),
-        "valid": members["valid"].clone(),
+        "valid": batch["valid"].clone(),
         "key": [""] * n,
         "skipped": [],
     }

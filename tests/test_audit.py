@@ -1,0 +1,319 @@
+"""Audit: protocols on synthetic scores; on one real tiny run: report contract, recomputable scores,
+null protocol at chance, tampering refused with the file named, a model trained elsewhere, ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+from sklearn.metrics import roc_auc_score
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from amint_dist.audit.metrics import balanced_accuracy_at, choose_threshold
+from amint_dist.audit.protocols import build_protocol
+from amint_dist.audit.run import audit_config, run_audit
+from amint_dist.audit.verify import TamperedError
+from amint_dist.train.ledger import ExposureLedger
+from train_helpers import REPO, run_train
+
+METHODS = ["amint", "passive", "loss", "confidence", "entropy", "modified_entropy"]
+METRICS = ["balanced_accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"]
+PROTOCOLS = ["seen", "unseen", "null"]
+RUN_FILES = ("model.safetensors", "model_config.json", "config.yaml", "ledger.npz")
+QUICK = {"protocols": ["seen"], "batch_size": 128, "workers": 0, "n_boot": 20,  # over configs/audit.yaml
+         "passive": {"enabled": False, "epochs": 1, "lr": 1e-3, "batch_size": 64}}
+
+
+# ---- protocols on synthetic scored splits (no model) ----
+
+def scored_split(prefix: str, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"key": np.array([f"{prefix}{i:04d}" for i in range(n)]), "index": np.arange(n),
+            "label": rng.integers(0, 10, n), "correct": rng.random(n) < 0.5, "score": rng.random(n)}
+
+
+def synthetic(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return {s: scored_split(s[0], n, rng) for s, n in (("members", 300), ("probe", 80), ("heldout", 200))}
+
+
+def permuted(scored: dict, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {s: {c: v[order] for c, v in cols.items()} for s, cols in scored.items()
+            for order in [rng.permutation(cols["key"].size)]}
+
+
+def test_protocols_follow_ledger_balance_and_calibrate_by_key():
+    scored = synthetic()
+    ledger = ExposureLedger({"members": 300, "probe": 80, "external": 1, "heldout": 200})
+    ledger.counts["members"][:] = 1
+    ledger.counts["members"][:7] = 0  # never consumed: excluded from members
+    ledger.counts["probe"][:] = 2
+    ledger.counts["heldout"][5] = 1  # consumed heldout: not a clean non-member
+    out = {p: build_protocol(p, scored, ledger, ["score"], 0, 0.25) for p in PROTOCOLS}
+    seen = out["seen"]
+    assert seen.counts["members_excluded_not_consumed"] == 7
+    assert seen.counts["nonmembers_excluded_consumed"] == 1
+    all_keys = {p: set(s.evaluation["key"]) | set(s.calibration["key"]) for p, s in out.items()}
+    assert not {f"m{i:04d}" for i in range(7)} & all_keys["seen"]
+    assert "h0005" not in all_keys["seen"] | all_keys["unseen"] | all_keys["null"]
+    for p, s in out.items():
+        labels = s.evaluation["label"]
+        assert (labels == 1).sum() == (labels == 0).sum() == s.counts["n_members"] > 10, p
+        assert not set(s.evaluation["key"]) & set(s.calibration["key"]), p
+        assert 0.15 < s.calibration["key"].size / (s.calibration["key"].size + s.counts["n_members"] * 2 +
+                                                   sum(s.counts["balancing_dropped"].values())) < 0.35, p
+    # heldout keys calibrate in every protocol or in none: no evaluation sample of one is calibration in another
+    calibrating = set().union(*(s.calibration["key"] for s in out.values()))
+    evaluating = set().union(*(s.evaluation["key"] for s in out.values()))
+    assert not calibrating & evaluating
+    null = out["null"]
+    members = set(null.evaluation["key"][null.evaluation["label"] == 1])
+    assert members and not members & set(null.evaluation["key"][null.evaluation["label"] == 0])
+    assert set(null.evaluation["split"]) == {"heldout"}
+
+
+def test_protocols_are_independent_of_row_order_and_need_no_ledger():
+    scored = synthetic(1)
+    a = build_protocol("unseen", scored, None, ["score"], 3, 0.2)
+    b = build_protocol("unseen", permuted(scored, 2), None, ["score"], 3, 0.2)
+    for part in ("evaluation", "calibration"):
+        order_a, order_b = np.argsort(getattr(a, part)["key"]), np.argsort(getattr(b, part)["key"])
+        for column in ("key", "label", "score"):
+            np.testing.assert_array_equal(getattr(a, part)[column][order_a], getattr(b, part)[column][order_b])
+    assert "members_excluded_not_consumed" in a.counts and a.counts["members_excluded_not_consumed"] == 0
+    other_seed = build_protocol("unseen", scored, None, ["score"], 4, 0.2)
+    assert set(other_seed.calibration["key"]) != set(a.calibration["key"])
+
+
+# ---- one real tiny run, trained and audited by the main job ----
+
+@pytest.fixture(scope="module")
+def audited_run(tmp_path_factory, train_root) -> tuple[Path, str]:
+    """Two epochs of the tiny model; launch/train.py audits it (audit=true, configs/audit.yaml defaults)."""
+    run_dir = tmp_path_factory.mktemp("audit_runs") / "run"
+    proc = run_train(run_dir, train_root, "train.epochs=2", "audit=true")
+    return run_dir, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def report(audited_run) -> dict:
+    return json.loads((audited_run[0] / "audit" / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def scores(audited_run):
+    with np.load(audited_run[0] / "audit" / "scores.npz", allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def copy_run(run_dir: Path, dest: Path, files=RUN_FILES) -> Path:
+    dest.mkdir(parents=True)
+    for name in files:
+        shutil.copy2(run_dir / name, dest / name)
+    return dest
+
+
+def audit_cfg(run_dir: Path, data_root: Path | None = None, **audit) -> dict:
+    cfg = audit_config(REPO / "configs", run_dir)
+    cfg["data"]["root"] = str(data_root) if data_root else None
+    cfg["audit"].update({**QUICK, **audit})
+    return cfg
+
+
+def test_main_job_prints_the_report_path(audited_run):
+    run_dir, stdout = audited_run
+    assert f"audit report: {run_dir / 'audit' / 'report.md'}" in stdout
+    table = (run_dir / "audit" / "report.md").read_text()
+    assert table.count("\n| ") == 1 + len(METHODS) and "| **amint** |" in table
+
+
+def test_report_follows_the_contract(report, train_root):
+    assert report["format"] == "amint-dist-audit/1" and report["ledger"] is True
+    assert 0 <= report["task"]["accuracy"]["value"] <= 1 and report["task"]["n"] == report["scored"]["heldout"]["n"]
+    counts = json.loads((train_root / "splits.json").read_text())["counts"]
+    assert {s: v["n"] for s, v in report["scored"].items()} == {s: counts[s] for s in ("members", "probe", "heldout")}
+    assert list(report["protocols"]) == PROTOCOLS
+    for name, protocol in report["protocols"].items():
+        assert protocol["n_members"] == protocol["n_nonmembers"] > 20, name
+        assert list(protocol["methods"]) == METHODS, name
+        for method, metrics in protocol["methods"].items():
+            assert list(metrics) == (["accuracy"] if method in ("amint", "passive") else []) + METRICS
+            for metric in metrics.values():
+                assert set(metric) == {"value", "ci95"}
+                lo, hi = metric["ci95"]
+                assert 0 <= lo <= hi <= 1 and 0 <= metric["value"] <= 1
+    assert report["protocols"]["seen"]["members_excluded_not_consumed"] == 0  # two epochs consume every member
+    assert len(report["passive_training"]) == 10 and report["settings"]["n_boot"] == 1000
+
+
+def test_scores_npz_recomputes_the_report(report, scores, train_root):
+    for name, protocol in report["protocols"].items():
+        labels, keys, splits = scores[f"{name}/label"], scores[f"{name}/key"], scores[f"{name}/split"]
+        assert labels.sum() == protocol["n_members"] and (labels == 0).sum() == protocol["n_nonmembers"]
+        assert len(set(keys)) == keys.size
+        for split in set(splits):
+            assert set(keys[splits == split]) <= set((train_root / split / "keys.txt").read_text().split())
+        calibration = {c: scores[f"calibration/{name}/{c}"] for c in ("key", "label")}
+        assert not set(calibration["key"]) & set(keys)
+        for method in METHODS:
+            auc = roc_auc_score(labels, scores[f"{name}/{method}"])
+            assert auc == pytest.approx(protocol["methods"][method]["auc"]["value"], abs=1e-9)
+            threshold = choose_threshold(calibration["label"], scores[f"calibration/{name}/{method}"])
+            assert threshold == protocol["thresholds"][method]
+            balanced = balanced_accuracy_at(labels, scores[f"{name}/{method}"], threshold)
+            assert balanced == pytest.approx(protocol["methods"][method]["balanced_accuracy"]["value"], abs=1e-12)
+    assert set(scores["seen/split"]) == {"members", "heldout"} and set(scores["unseen/split"]) == {"probe", "heldout"}
+
+
+def test_null_protocol_reads_chance(report):
+    null = report["protocols"]["null"]["methods"]
+    for metric in ("auc", "balanced_accuracy"):
+        lo, hi = null["amint"][metric]["ci95"]
+        assert lo <= 0.5 <= hi, metric
+    for method, metrics in null.items():
+        assert 0.35 < metrics["auc"]["value"] < 0.65, method
+
+
+def test_figures_and_tensorboard(audited_run):
+    run_dir = audited_run[0]
+    for name in ("roc.png", "scores.png"):
+        data = (run_dir / "audit" / name).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000, name
+    tags = {"scalars": set(), "images": set()}
+    for events in (run_dir / "tb").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0, "scalars": 0}).Reload()
+        for kind in tags:
+            tags[kind] |= set(acc.Tags()[kind])
+    assert {"audit/roc", "audit/scores"} <= tags["images"]
+    assert {f"audit/{p}/{m}/auc" for p in PROTOCOLS for m in METHODS} | {"audit/task_accuracy"} <= tags["scalars"]
+
+
+# ---- refusals ----
+
+@pytest.fixture
+def root_copy(tmp_path, train_root) -> Path:
+    return Path(shutil.copytree(train_root, tmp_path / "root"))
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_changed_shard_byte_is_refused_naming_the_shard(audited_run, root_copy):
+    shard = root_copy / "heldout" / "shard-000002.tar"
+    flip_byte(shard, 1000)  # inside an image payload: the tar still reads
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "audit.py"), f"run.dir={audited_run[0]}",
+                           f"data.root={root_copy}"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(shard) in lines[0], proc.stderr
+
+
+def test_edited_key_list_is_refused_naming_it(audited_run, root_copy):
+    keys = root_copy / "probe" / "keys.txt"
+    lines = keys.read_text().splitlines(keepends=True)
+    keys.write_text("".join([lines[1], lines[0], *lines[2:]]))  # same keys, two swapped
+    with pytest.raises(TamperedError, match=str(keys)):
+        run_audit(audit_cfg(audited_run[0], root_copy))
+
+
+def test_missing_shard_and_other_dataset_are_refused(audited_run, root_copy):
+    original = (root_copy / "splits.json").read_text()
+    (root_copy / "splits.json").write_text(json.dumps({**json.loads(original), "note": "another dataset"}))
+    with pytest.raises(TamperedError, match="not the dataset the model was trained on"):
+        run_audit(audit_cfg(audited_run[0], root_copy))
+    (root_copy / "splits.json").write_text(original)
+    shard = root_copy / "members" / "shard-000000.tar"
+    shard.unlink()
+    with pytest.raises(TamperedError, match=f"missing: {shard}"):
+        run_audit(audit_cfg(audited_run[0], root_copy))
+
+
+def test_other_weights_are_refused(audited_run, tmp_path):
+    run_dir = copy_run(audited_run[0], tmp_path / "run")
+    weights = run_dir / "model.safetensors"
+    state = safetensors.torch.load_file(str(weights))
+    name = next(iter(state))
+    state[name] = state[name] + 1e-3  # another model of the same architecture
+    safetensors.torch.save_file(state, str(weights))
+    with pytest.raises(TamperedError, match=f"{weights} does not match model_config.json"):
+        run_audit(audit_cfg(run_dir))
+
+
+def test_model_config_must_match_the_run_config(audited_run, tmp_path):
+    run_dir = copy_run(audited_run[0], tmp_path / "run")
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("depth: 2", "depth: 3"))
+    with pytest.raises(TamperedError, match=r"config.yaml \(model.kwargs.depth: 3 != 2\)"):
+        run_audit(audit_cfg(run_dir))
+
+
+def test_missing_run_dir_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "audit.py"), f"run.dir={tmp_path / 'nope'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: run dir not found: {tmp_path / 'nope'}"
+
+
+# ---- other audits of the same model ----
+
+def test_ledger_decides_who_is_a_member(audited_run, tmp_path):
+    run_dir = copy_run(audited_run[0], tmp_path / "run")
+    with np.load(run_dir / "ledger.npz") as data:
+        counts = {k: data[k].copy() for k in data.files}
+    counts["members"][:25] = 0
+    np.savez(run_dir / "ledger.npz", **counts)
+    report_md = run_audit(audit_cfg(run_dir))
+    report = json.loads(report_md.with_name("report.json").read_text())
+    assert report["protocols"]["seen"]["members_excluded_not_consumed"] == 25
+    with np.load(report_md.with_name("scores.npz"), allow_pickle=False) as data:
+        used = set(data["seen/key"]) | set(data["calibration/seen/key"])
+    keys = (Path(report["audited"]["dataset"]["root"]) / "members" / "keys.txt").read_text().split()
+    assert not used & set(keys[:25]) and used & set(keys[25:])
+
+
+def test_model_trained_elsewhere(audited_run, train_root, tmp_path):
+    run_dir = copy_run(audited_run[0], tmp_path / "elsewhere", files=("model.safetensors", "model_config.json"))
+    report_md = run_audit(audit_cfg(run_dir, train_root, protocols=PROTOCOLS,
+                                    passive={"enabled": True, "epochs": 1, "lr": 1e-3, "batch_size": 64}))
+    report = json.loads(report_md.with_name("report.json").read_text())
+    assert report["ledger"] is False and "no ledger" in report["members_rule"]
+    assert any("no exposure ledger" in note for note in report["notes"])
+    assert "no exposure ledger" in report_md.read_text()
+    assert list(report["protocols"]) == PROTOCOLS and list(report["protocols"]["seen"]["methods"]) == METHODS
+    assert all((report_md.parent / f).stat().st_size > 20_000 for f in ("roc.png", "scores.png"))
+    with np.load(report_md.with_name("scores.npz"), allow_pickle=False) as ours, \
+            np.load(audited_run[0] / "audit" / "scores.npz", allow_pickle=False) as main:
+        for column in ("key", "label"):  # every member was consumed: the same samples
+            np.testing.assert_array_equal(ours[f"seen/{column}"], main[f"seen/{column}"])
+        for method in ("amint", "loss"):  # and the same scores, whatever the batch size
+            np.testing.assert_allclose(ours[f"seen/{method}"], main[f"seen/{method}"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_ranks_score_like_one(audited_run, tmp_path):
+    out = tmp_path / "two_ranks"
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", str(REPO / "launch" / "audit.py"),
+           f"run.dir={audited_run[0]}", f"audit.out_dir={out}", "audit.passive.enabled=false", "audit.n_boot=20",
+           "audit.workers=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("audit report:") == 1
+    assert json.loads((out / "report.json").read_text())["settings"]["world_size"] == 2
+    with np.load(out / "scores.npz", allow_pickle=False) as two, \
+            np.load(audited_run[0] / "audit" / "scores.npz", allow_pickle=False) as one:
+        for p in PROTOCOLS:
+            for column in ("key", "split", "label"):
+                np.testing.assert_array_equal(two[f"{p}/{column}"], one[f"{p}/{column}"])
+            for method in ("amint", "loss", "modified_entropy"):
+                np.testing.assert_allclose(two[f"{p}/{method}"], one[f"{p}/{method}"], rtol=1e-5, atol=1e-6)
