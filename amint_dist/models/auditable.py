@@ -14,7 +14,7 @@ from .taps import resolve_taps
 MODES = ("active", "passive", "off")
 MODEL_KEYS = {"name", "num_classes", "in_chans", "img_size", "kwargs"}
 MINT_KEYS = {"mode", "taps", "head"}
-HEAD_KEYS = {"kind", "hidden", "channels", "dropout"}
+HEAD_KEYS = {"kind", "hidden", "channels", "dropout", "grid"}
 _SET_BY_US = {"pretrained", "num_classes", "in_chans", "img_size"}
 
 

@@ -17,17 +17,21 @@ def _classifier(in_features: int, hidden: int, dropout: float) -> Mlp:
 
 
 class ConvHead(nn.Module):
-    """The aMINT paper's CNN head: per tap 3x3 conv-BN-ReLU -> global avg pool; concat -> MLP."""
+    """The aMINT paper's CNN head: per tap 3x3 conv-BN-ReLU -> avg pool; concat -> MLP.
+
+    ``grid=1`` is the paper's global pooling; ``grid=g`` average-pools each map to g x g cells and
+    flattens them, keeping *where* features are (membership of an exact image is spatial detail).
+    """
 
     input_fmt = "NCHW"
 
-    def __init__(self, in_chs: Sequence[int], channels: int = 64, hidden: int = 256, dropout: float = 0.2):
+    def __init__(self, in_chs: Sequence[int], channels: int = 64, hidden: int = 256, dropout: float = 0.2,
+                 grid: int = 1):
         super().__init__()
         self.branches = nn.ModuleList(
-            nn.Sequential(ConvNormAct(c, channels, 3), SelectAdaptivePool2d(pool_type="avg", flatten=True))
-            for c in in_chs
+            nn.Sequential(ConvNormAct(c, channels, 3), nn.AdaptiveAvgPool2d(grid), nn.Flatten(1)) for c in in_chs
         )
-        self.classifier = _classifier(channels * len(in_chs), hidden, dropout)
+        self.classifier = _classifier(channels * grid * grid * len(in_chs), hidden, dropout)
 
     def forward(self, taps: list[Tensor]) -> Tensor:
         feats = [branch(t) for branch, t in zip(self.branches, taps, strict=True)]
@@ -83,10 +87,11 @@ def build_head(
     hidden: int = 256,
     channels: int = 64,
     dropout: float = 0.2,
+    grid: int = 1,
 ) -> nn.Module:
-    """MINT head of `kind` for taps with channel counts `in_chs`."""
+    """MINT head of `kind` for taps with channel counts `in_chs` (``grid`` applies to the conv head)."""
     if kind == "conv":
-        return ConvHead(in_chs, channels=channels, hidden=hidden, dropout=dropout)
+        return ConvHead(in_chs, channels=channels, hidden=hidden, dropout=dropout, grid=grid)
     if kind == "mlp":
         return MlpHead(in_chs, hidden=hidden, dropout=dropout)
     if kind == "token":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -148,7 +149,7 @@ class _Loop:
     def run(self, run_dir: Path) -> None:
         tcfg = self.cfg["train"]
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
-                   desc="train", dynamic_ncols=True)
+                   desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         while self.state.epoch < self.epochs and not self._done():
             members = self.streams["members"]
             members.set_epoch(self.state.epoch, self.state.batch_in_epoch)
@@ -193,7 +194,8 @@ class _Loop:
             logits, mint_logit = self.model(batch["image"])
             loss_parts = LossParts(
                 task_loss(logits, batch["label"], batch["task_mask"], float(self.cfg["train"]["label_smoothing"])),
-                mint_loss(mint_logit, batch["is_member"], batch["mint_mask"]) if self.mint_on else None,
+                mint_loss(mint_logit, batch["is_member"], batch["mint_mask"], float(self.cfg["mint"]["member_weight"]))
+                if self.mint_on else None,
             )
             if self.losses.norms is None:
                 self._set_norms(loss_parts)

@@ -20,15 +20,16 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, la
     return _masked_mean(losses, mask)
 
 
-def mint_loss(mint_logit: torch.Tensor, is_member: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy of the membership logit over the rows in ``mask``."""
+def mint_loss(mint_logit: torch.Tensor, is_member: torch.Tensor, mask: torch.Tensor,
+              member_weight: float = 1.0) -> torch.Tensor:
+    """Binary cross-entropy of the membership logit over the rows in ``mask``; member rows weigh ``member_weight``."""
     losses = F.binary_cross_entropy_with_logits(mint_logit.float(), is_member.float(), reduction="none")
-    return _masked_mean(losses, mask)
+    return _masked_mean(losses, mask, torch.where(is_member, member_weight, 1.0))
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    weights = mask.to(values.dtype)
-    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    weights = mask.to(values.dtype) * (1.0 if weights is None else weights.to(values.dtype))
+    return (values * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
 class LossCombiner:

@@ -25,7 +25,7 @@ class StepStats:
             data_wait: float, step_time: float) -> None:
         task_rows = batch["task_mask"]
         values = {
-            "task_loss": float(losses.task) * int(task_rows.sum()),
+            "task_loss": losses.task.item() * int(task_rows.sum()),
             "task_correct": int((logits.argmax(-1) == batch["label"])[task_rows].sum()),
             "task_rows": int(task_rows.sum()),
             "samples": int(batch["valid"].sum()),
@@ -44,7 +44,7 @@ class StepStats:
                 kept = self.scores["members" if target else "external"]
                 if sum(len(s) for s in kept) < MAX_HISTOGRAM_SCORES:
                     kept.append(torch.sigmoid(mint_logit[rows].float()).cpu().numpy())
-            values["mint_loss"] = float(losses.mint) * int(batch["mint_mask"].sum())
+            values["mint_loss"] = losses.mint.item() * int(batch["mint_mask"].sum())
         for name, value in values.items():
             self.sums[FIELDS.index(name)] += value
 
