@@ -47,6 +47,11 @@ def run_cli(config_dir: str, config_name: str, main: Callable[[dict[str, Any]], 
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     overrides = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(overrides):
+        print(f"usage: {sys.argv[0]} [key=value ...]  (Hydra override syntax)\n\ndefault config ({config_name}):")
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            print(OmegaConf.to_yaml(compose(config_name)))
+        return None
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             cfg = compose(config_name, overrides=overrides)
