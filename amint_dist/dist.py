@@ -218,8 +218,9 @@ def check_ranks_agree(accelerator: Accelerator, model: Any) -> dict:
         "world_size": accelerator.num_processes,
         "ranks": sorted(reports, key=lambda r: r["rank"]),
     }
-    if accelerator.state.deepspeed_plugin is not None:
-        summary["deepspeed_config"] = accelerator.state.deepspeed_plugin.deepspeed_config
+    if accelerator.state.deepspeed_plugin is not None:  # less Accelerate's steps_per_print=inf (not JSON)
+        config = accelerator.state.deepspeed_plugin.deepspeed_config
+        summary["deepspeed_config"] = {k: v for k, v in config.items() if k != "steps_per_print"}
     if len({r["param_sha256"] for r in reports}) != 1:
         raise RuntimeError(f"ranks hold different parameters: {[(r['rank'], r['param_sha256'][:12]) for r in reports]}")
     return summary

