@@ -17,11 +17,10 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
-from amint_dist.data.prepare import load_manifest
 from amint_dist.data.transforms import data_config_for, make_transform
 from amint_dist.dist import make_accelerator, reduce_sum, shared_run_dir
 from amint_dist.io import atomic_write_text
-from amint_dist.models import AuditableModel, build_auditable_model
+from amint_dist.models import build_auditable_model
 from amint_dist.tb import Monitor
 from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.batches import CyclingBatches, combine, skipped_entries
@@ -97,14 +96,15 @@ def _make_streams(cfg: Mapping, manifest: Mapping, data_config: dict, accelerato
     dcfg, tcfg = cfg["data"], cfg["train"]
     batch = int(tcfg["batch_size"])
     counts = manifest["counts"]
-    sizes = {"members": batch, "external": max(1, round(batch * float(cfg["mint"]["external_ratio"])))}
+    mint_on = cfg["mint"]["mode"] != "off"
+    sizes = {"members": batch, "external": max(1, round(batch * float(cfg["mint"]["external_ratio"]))) if mint_on else 0}
     probe_batch = tcfg.get("probe_batch_size", "auto")
     sizes["probe"] = round(batch * counts["probe"] / max(1, counts["members"])) if probe_batch == "auto" else int(probe_batch)
-    needed = ["members"] + (["external"] if cfg["mint"]["mode"] != "off" else [])
+    needed = ["members"] + (["external"] if mint_on else [])
     empty = [split for split in needed if not counts[split]]
     if empty:
         raise ValueError(f"split {empty[0]!r} of {dcfg['root']} is empty: training needs members"
-                         + (" and external MINT negatives" if cfg["mint"]["mode"] != "off" else ""))
+                         + (" and external MINT negatives" if mint_on else ""))
     image_shape = tuple(data_config["input_size"])
     transform = make_transform(data_config, dcfg.get("augment"))
     return {
