@@ -41,11 +41,13 @@ def run_one(name: str, overrides: list[str], out: Path, extra: list[str]) -> Pat
     run_dir = out / name
     report = run_dir / "audit" / "report.json"
     if not report.exists():
-        cmd = [sys.executable, str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *overrides, *extra,
-               "audit.passive.enabled=false"]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         with open(out / f"{name}.log", "w") as log:
-            subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+            for cmd in ([sys.executable, str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *overrides, *extra,
+                         "audit=false"],
+                        [sys.executable, str(REPO / "launch" / "audit.py"), f"run.dir={run_dir}",
+                         "audit.passive.enabled=false"]):
+                subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     return report
 
 
