@@ -97,6 +97,8 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runs = settings()
+    if not (REPO / "data" / "digits" / "splits.json").exists():  # once, before parallel runs
+        subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py")], cwd=REPO, check=True)
     with ThreadPoolExecutor(args.parallel) as pool:
         reports = list(pool.map(lambda r: run_one(*r, args.out, extra), runs))
     rows = [summarise(name, ov, rep) for (name, ov), rep in zip(runs, reports)]

@@ -2,7 +2,7 @@
 
 Two parallel passes with constant image memory: (1) scan the source (list keys, labels, payload
 sizes; check that every image decodes), (2) write planned shards from the recorded locators.
-Everything is written into ``<root>.partial`` and renamed into place only when complete.
+Everything is written into ``<root>.partial-<pid>`` and renamed into place only when complete.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from amint_dist import __version__
+from amint_dist.config_checks import check_data_config
 from amint_dist.data.shards import plan_shards, write_shard
 from amint_dist.data.sources import Record, Skip, make_source
 from amint_dist.data.splits import HASH_RULE, SPLITS, hash_unit, split_of, validate_fractions
@@ -38,6 +40,7 @@ def prepare_dataset(cfg: Mapping[str, Any]) -> dict:
     unknown = set(cfg) - PREPARE_KEYS - READER_KEYS
     if unknown:
         raise ValueError(f"unknown data config key(s) for prepare: {sorted(unknown)}; valid: {sorted(PREPARE_KEYS)}")
+    check_data_config(cfg)
     root = Path(str(cfg["root"]))
     _check_root(root, bool(cfg.get("overwrite", False)))
     fractions = validate_fractions(cfg["fractions"])
@@ -52,7 +55,7 @@ def prepare_dataset(cfg: Mapping[str, Any]) -> dict:
     if not records:
         raise ValueError(f"no usable samples in source {source.describe()} ({len(skipped)} skipped)")
     by_split = _assign(records, seed, fractions)
-    staging = root.with_name(root.name + ".partial")
+    staging = root.with_name(f"{root.name}.partial-{os.getpid()}")  # concurrent preparers never share one
     shutil.rmtree(staging, ignore_errors=True)
     jobs = {s: plan_shards(staging / s, s, by_split[s], maxcount, maxsize) for s in SPLITS}
     for s in SPLITS:
