@@ -94,13 +94,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "tradeoff")
+    parser.add_argument("--report-only", action="store_true", help="summarise the runs that have a report; train none")
     args, extra = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     runs = settings()
+    if args.report_only:
+        runs = [r for r in runs if (args.out / r[0] / "audit" / "report.json").exists()]
     if not (REPO / "data" / "digits" / "splits.json").exists():  # once, before parallel runs
         subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py")], cwd=REPO, check=True)
     with ThreadPoolExecutor(args.parallel) as pool:
-        reports = list(pool.map(lambda r: run_one(*r, args.out, extra), runs))
+        reports = list(pool.map(lambda r: run_one(*r, args.out, extra), runs))  # existing reports are reused
     rows = [summarise(name, ov, rep) for (name, ov), rep in zip(runs, reports)]
     write_docs(rows, "python scripts/tradeoff_sweep.py " + " ".join(sys.argv[1:]))
     print(json.dumps(rows, indent=1))
