@@ -50,13 +50,28 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks (constant memory)."""
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20, fsync: bool = False) -> str:
+    """Hex sha256 of a file's bytes, read in chunks (constant memory); ``fsync`` flushes it to disk first."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def complete_lines(path: str | os.PathLike) -> list[str]:
+    """The newline-terminated lines of a text file (a torn last line, cut by a crash, is dropped); [] if absent."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [line for line in path.read_text(errors="replace").splitlines(keepends=True) if line.endswith("\n")]
+
+
+def atomic_append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line by rewriting the whole (small) file atomically: a crash leaves the old or the new file."""
+    atomic_write_text(path, "".join(complete_lines(path)) + line.rstrip("\n") + "\n")
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:

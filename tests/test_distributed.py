@@ -217,11 +217,17 @@ def test_killed_run_resumes_to_the_uninterrupted_ledger(resumed, two_machines):
     np.testing.assert_array_equal(summed, final["members"])  # ledger.npz is the sum of the ranks' ledgers
 
 
-def test_loss_falls(resumed):
+def test_loss_falls(resumed, two_machines):
     _, run_dir = resumed
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == list(range(EPOCHS))
-    assert epochs[-1]["task_loss"] < epochs[0]["task_loss"] and epochs[-1]["mint_loss"] < epochs[0]["mint_loss"]
+    assert epochs[-1]["task_loss"] < epochs[0]["task_loss"]
+    # the epoch killed mid-way reports the whole epoch's means (its running sums are checkpointed), as uninterrupted
+    # (the MINT loss of this 2-epoch tiny run does not fall: only a partial epoch-1 mean used to make it look so)
+    reference = [json.loads(line) for line in (two_machines / "metrics.jsonl").read_text().splitlines()]
+    for got, want in zip(epochs, reference, strict=True):
+        for key in ("task_loss", "task_acc", "mint_loss", "mint_acc_members", "mint_acc_external"):
+            assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-5), (got["epoch"], key)
 
 
 def model_and_weights(run_dir: Path):

@@ -25,10 +25,11 @@ def train_command(run_dir: Path, data_root: Path, *overrides: str, launcher: lis
 
 
 def run_train(run_dir: Path, data_root: Path, *overrides: str, check: bool = True, launcher: list[str] | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run :func:`train_command` to the end; raise with its output tail when it fails and ``check``."""
+              timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run :func:`train_command` to the end (``env`` added to ENV); raise with its output tail when it fails
+    and ``check``."""
     cmd = train_command(run_dir, data_root, *overrides, launcher=launcher)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

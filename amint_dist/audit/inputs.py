@@ -6,7 +6,7 @@ Loading verifies everything first (see ``verify``): the audit never scores unver
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from amint_dist.audit import verify
 from amint_dist.data.prepare import load_manifest
 from amint_dist.io import read_json, sha256_file
 from amint_dist.models import AuditableModel, build_auditable_model
+from amint_dist.trail import audit_key, verify_run
 from amint_dist.train.ledger import ExposureLedger
 
 Gather = Callable[[list], list]  # every rank's list items, concatenated in rank order (accelerate's gather_object)
@@ -33,6 +34,7 @@ class AuditInputs:
     model_config: dict
     run_config: dict | None  # the run's config.yaml, None for a model trained elsewhere
     ledger: ExposureLedger | None  # None when the run dir has no ledger.npz
+    integrity: dict = field(default_factory=dict)  # the audit trail's verdict (amint_dist.trail.verify_run)
 
     @property
     def mint_mode(self) -> str:
@@ -78,7 +80,9 @@ def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0
     splits_sha256 = sha256_file(root / "splits.json")
 
     verify.verify_dataset_identity(root, splits_sha256, model_config)  # the cheap checks first
-    verify.verify_weights(weights, model_config)
+    weights_sha256 = sha256_file(weights)
+    verify.verify_weights(weights, model_config, weights_sha256)
+    integrity = verify_run(run_dir, splits_sha256, audit_key(), weights_sha256)  # a wrong key refuses here
     if run_config is not None:
         verify.verify_model_config(run_config, model_config, config_path)
     files = verify.dataset_files(root, manifest)
@@ -86,7 +90,7 @@ def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0
     sizes = {split: int(meta["num_samples"]) for split, meta in manifest["splits"].items()}
     ledger_path = run_dir / "ledger.npz"
     ledger = ExposureLedger.load(ledger_path, sizes) if ledger_path.is_file() else None
-    return AuditInputs(run_dir, root, manifest, splits_sha256, model_config, run_config, ledger)
+    return AuditInputs(run_dir, root, manifest, splits_sha256, model_config, run_config, ledger, integrity)
 
 
 def describe(inputs: AuditInputs) -> dict[str, Any]:

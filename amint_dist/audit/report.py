@@ -7,6 +7,8 @@ null where undefined)::
     members_rule, ledger (bool), settings {...}, methods {name: description}, notes [...],
     task {accuracy, split: heldout, n, per_split {split: {value, ci95, n}}},  # Wilson 95% intervals
     scored {split: {n, skipped {reason: n}}}, passive_training [{epoch, loss, ...}],
+    integrity {status: verified | broken | absent, signature, entries, problems [...], checked [...],
+               unrecorded_checkpoints [...]},                 # the run's audit_trail.jsonl (amint_dist.trail)
     protocols {seen|unseen|null: {description, member_split, nonmember_split,
         n_members, n_nonmembers, n_calibration_members, n_calibration_nonmembers,
         members_excluded_not_consumed, nonmembers_excluded_consumed, balancing_dropped {members, nonmembers},
@@ -118,6 +120,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# aMINT audit of `{report['audited']['run_dir']}`",
         "",
+        integrity_line(report.get("integrity") or {}),
+        "",
         f"Task accuracy on heldout: **{_cell(task)}** (n={report['task']['n']}). "
         f"Members: {report['members_rule']}. Thresholds chosen on a "
         f"{report['settings']['calibration_fraction']:.0%} calibration share (by key hash), never on evaluation "
@@ -134,6 +138,31 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", f"Evaluation members/non-members: {counts}."]
     lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def integrity_line(integrity: Mapping[str, Any]) -> str:
+    """report.md's verdict on the audit trail: verified, or exactly what broke."""
+    status = integrity.get("status", "absent")
+    if status == "absent":
+        return "Integrity: **not verifiable**: " + integrity.get("note", "no audit trail")
+    signature = "unsigned" if integrity["signature"] == "unsigned" else f"signature {integrity['signature']}"
+    if status == "verified":
+        return (f"Integrity: **verified** (audit trail of {integrity['entries']} entries, {signature}; "
+                f"checked: {', '.join(integrity['checked'])}).")
+    return f"Integrity: **BROKEN** ({signature}): " + "; ".join(integrity["problems"] or ["signature does not verify"])
+
+
+def integrity_notes(integrity: Mapping[str, Any]) -> list[str]:
+    """Notes for report.json: a broken trail, an unchecked signature, checkpoints the trail never recorded."""
+    notes = []
+    if integrity.get("status") == "broken":
+        notes.append("INTEGRITY BROKEN: " + "; ".join(integrity["problems"] or ["signature does not verify"]))
+    if str(integrity.get("signature", "")).startswith("not checked"):
+        notes.append(f"audit trail signature {integrity['signature']}")
+    if integrity.get("unrecorded_checkpoints"):
+        notes.append("checkpoints not in the audit trail (written by an interrupted attempt, never resumed from): "
+                     + ", ".join(integrity["unrecorded_checkpoints"]))
+    return notes
 
 
 def summary_notes(protocols: Mapping[str, dict]) -> list[str]:

@@ -20,10 +20,11 @@ from amint_dist.audit.baselines import BASELINES
 from amint_dist.audit.inputs import AuditInputs, describe, load_inputs
 from amint_dist.audit.passive import fresh_head, train_passive
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
-from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, summary_notes,
-                                     task_section, write_outputs)
+from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, integrity_notes,
+                                     summary_notes, task_section, write_outputs)
 from amint_dist.audit.scoring import StackedHeads, gather_split, score_split
 from amint_dist.cli import to_dict
+from amint_dist.config_checks import AUDIT_RULES, check_values
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards
 from amint_dist.data.transforms import data_config_for, make_transform
 from amint_dist.dist import check_world, cpu_only, launched_world
@@ -96,6 +97,7 @@ def run_audit(cfg: Mapping[str, Any]) -> Path:
     run_dir = (cfg.get("run") or {}).get("dir")
     if not run_dir:
         raise ValueError("run.dir is required: a training run dir, or a dir with model.safetensors + model_config.json")
+    check_values(cfg, AUDIT_RULES)
     _check(acfg)
     requested = _protocols(acfg["protocols"])
     state = _process_state()
@@ -137,7 +139,8 @@ def run_audit(cfg: Mapping[str, Any]) -> Path:
             "settings": {**{k: v for k, v in acfg.items() if k != "out_dir"}, "protocols": requested,
                          "world_size": state.num_processes},
             "methods": {m: METHOD_DESCRIPTIONS[m] for m in methods},
-            "notes": notes + summary_notes(results),
+            "integrity": inputs.integrity,
+            "notes": integrity_notes(inputs.integrity) + notes + summary_notes(results),
             "task": task_section({s: c["correct"] for s, c in scored.items()}),
             "scored": {s: {"n": int(c["key"].size), "skipped": dict(skipped[s])} for s, c in scored.items()},
             "passive_training": history,

@@ -55,13 +55,14 @@ def raise_first(problems: Sequence[str]) -> None:
         raise TamperedError(problems[0] + more)
 
 
-def verify_weights(weights: Path, model_config: Mapping[str, Any]) -> None:
-    """``model.safetensors`` must hash to the ``weights_sha256`` recorded next to it."""
+def verify_weights(weights: Path, model_config: Mapping[str, Any], actual: str | None = None) -> None:
+    """``model.safetensors`` (sha256 ``actual`` when already known) must hash to the ``weights_sha256``
+    recorded next to it."""
     expected = model_config.get("weights_sha256")
     if not expected:
         raise ValueError(f"{weights.parent / 'model_config.json'} records no weights_sha256 "
                          f"(add the sha256 of {weights.name} to audit a model trained elsewhere)")
-    if sha256_file(weights) != expected:
+    if (actual or sha256_file(weights)) != expected:
         raise TamperedError(f"{weights} does not match model_config.json weights_sha256 "
                             "(another run's checkpoint, or modified weights): refusing to audit")
 

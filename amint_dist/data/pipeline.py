@@ -13,6 +13,7 @@ still yields exactly the batches, images included, of an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -20,7 +21,7 @@ import json
 import logging
 import math
 import random
-from collections import Counter
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from amint_dist.data.sources import IMAGE_EXTENSIONS
 from amint_dist.io import read_json
 
 log = logging.getLogger(__name__)
+SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # what sources.sanitize_key produces: never a path
 
 
 @dataclass(frozen=True)
@@ -45,16 +47,34 @@ class SplitShards:
     split: str
     urls: tuple[str, ...]
     lengths: tuple[int, ...]
+    keys_file: str | None = None  # keys.txt: key of index i on line i (names the samples a short shard lost)
 
     @classmethod
     def from_root(cls, root: str | Path, split: str) -> SplitShards:
         split_dir = Path(root) / split
         info = read_json(split_dir / "_info.json", what=f"split {split!r} info")
-        return cls(split, tuple(str(split_dir / f) for f in info["filenames"]), tuple(info["shard_lengths"]))
+        return cls(split, tuple(str(split_dir / f) for f in info["filenames"]), tuple(info["shard_lengths"]),
+                   str(split_dir / "keys.txt"))
 
     @property
     def num_samples(self) -> int:
         return sum(self.lengths)
+
+    @functools.cached_property
+    def index_ranges(self) -> dict[str, range]:
+        """Sample indices each shard holds (prepare writes a split's samples to its shards in index order)."""
+        starts = itertools.accumulate(self.lengths, initial=0)
+        return {url: range(start, start + n) for url, start, n in zip(self.urls, starts, self.lengths)}
+
+    def shard_keys(self, url: str) -> list[str] | None:
+        """The keys shard ``url`` should hold, from keys.txt (None when that is unreadable)."""
+        indices = self.index_ranges[url]
+        try:
+            with open(self.keys_file or "", encoding="utf-8") as f:
+                keys = [line.rstrip("\n") for line in itertools.islice(f, indices.start, indices.stop)]
+        except OSError:
+            return None
+        return keys if len(keys) == len(indices) else None
 
 
 def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
@@ -85,7 +105,9 @@ class ShardedSplitStream(IterableDataset):
         seed: int = 0,
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
+        num_classes: int | None = None,
     ):
+        """``num_classes``: labels outside [0, num_classes) are skipped ("label out of range")."""
         readers = world * max(1, workers)
         if len(shards.urls) < readers:
             raise ValueError(
@@ -99,6 +121,7 @@ class ShardedSplitStream(IterableDataset):
         self.workers = workers  # DataLoader worker processes; 0 reads in the main process
         self.readers = max(1, workers)  # readers per rank
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.num_classes = num_classes
         self.epoch = 0
         self.start_batch = 0
 
@@ -136,7 +159,7 @@ class ShardedSplitStream(IterableDataset):
         stages = [
             wds.SimpleShardList([self.shards.urls[i] for i in mine]),
             wds.tarfile_to_samples(handler=skips.tar_error),
-            _count_per_shard(skips, {self.shards.urls[i]: self.shards.lengths[i] for i in mine}),
+            _count_per_shard(skips, self.shards, [self.shards.urls[i] for i in mine]),
         ]
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(reader_seed)))
@@ -148,7 +171,7 @@ class ShardedSplitStream(IterableDataset):
                 skips.drain()  # reported when the batch was first delivered
                 continue
             with seeded_rng(f"{reader_seed}:{b}"):
-                rows = [decode_sample(s, self.transform, skips) for s in raw]
+                rows = [decode_sample(s, self.transform, skips, self.num_classes, self.shards.index_ranges) for s in raw]
             yield self._collate(rows, skips)
 
     def _collate(self, rows: list[dict | None], skips: SkipLog) -> dict:
@@ -206,24 +229,50 @@ class SkipLog:
         return items
 
 
-def _count_per_shard(skips: SkipLog, expected: dict[str, int]):
-    """Pipeline stage: after each shard, count samples it should have held but did not deliver."""
+def _count_per_shard(skips: SkipLog, shards: SplitShards, urls: list[str]):
+    """Pipeline stage: after each shard, skip (by key, from keys.txt) the samples it should have held but did
+    not deliver; the shard's path stands in for each when keys.txt is unreadable."""
+
+    def shortfall(url: str, seen: set[str]) -> None:
+        expected = shards.shard_keys(url)
+        if expected is None:
+            n = shards.lengths[shards.urls.index(url)] - len(seen)
+            if n > 0:
+                skips.add(url, "truncated or unreadable shard", n)
+            return
+        for key in expected:
+            if key not in seen:
+                skips.add(key, "truncated or unreadable shard")
 
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
-        seen: Counter = Counter()
+        pending = list(urls)
+        current, seen = None, set()
         for sample in samples:
-            seen[sample.get("__url__")] += 1
+            url = sample.get("__url__")
+            if url != current:
+                if current in pending:
+                    pending.remove(current)
+                    shortfall(current, seen)
+                current, seen = url, set()
+            seen.add(sample.get("__key__"))
             yield sample
-        for url, n in expected.items():
-            if seen[url] < n:
-                skips.add(url, "truncated or unreadable shard", n - seen[url])
+        for url in pending:
+            shortfall(url, seen if url == current else set())
 
     return stage
 
 
-def decode_sample(sample: dict, transform: Callable, skips: SkipLog) -> dict | None:
-    """Decode one raw WebDataset sample to a tensor row, or count it as skipped and return None."""
+def decode_sample(sample: dict, transform: Callable, skips: SkipLog, num_classes: int | None = None,
+                  index_ranges: dict[str, range] | None = None) -> dict | None:
+    """Decode one raw WebDataset sample to a tensor row, or count it as skipped and return None.
+
+    Nothing in a sample is trusted: a key outside the prepared charset (e.g. a path), a label outside
+    [0, num_classes) or an index outside its shard's range is a skip, not a crash or a wrong ledger entry.
+    """
     key = sample.get("__key__", "?")
+    if not isinstance(key, str) or not SAFE_KEY.fullmatch(key):
+        skips.add(repr(key)[:200], "unsafe key")
+        return None
     ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
     if ext is None:
         skips.add(key, "no image")
@@ -231,8 +280,14 @@ def decode_sample(sample: dict, transform: Callable, skips: SkipLog) -> dict | N
     try:
         index = int(json.loads(sample["json"])["index"])
         label = int(sample["cls"])
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, OverflowError, RecursionError):
         skips.add(key, "missing or bad label/metadata")
+        return None
+    if num_classes is not None and not 0 <= label < num_classes:
+        skips.add(key, "label out of range")
+        return None
+    if index_ranges is not None and index not in index_ranges.get(sample.get("__url__"), range(0)):
+        skips.add(key, "index outside its shard")
         return None
     try:
         with Image.open(io.BytesIO(sample[ext])) as img:

@@ -16,6 +16,20 @@ def _classifier(in_features: int, hidden: int, dropout: float) -> Mlp:
     return Mlp(in_features, hidden, 1, act_layer=nn.ReLU, drop=(dropout, 0.0))
 
 
+class _CellPool(nn.AdaptiveAvgPool2d):
+    """``AdaptiveAvgPool2d(grid)`` that returns a map already of the grid's size as is.
+
+    Pooling a g x g map to g x g cells averages one value per cell: the identity, bit for bit, yet
+    PyTorch's CPU kernel costs as much as the head's convolution (the default digits head: 4x4 tokens,
+    grid 4; see docs/performance.md). Same output and gradient, no parameters either way.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] == nn.modules.utils._pair(self.output_size):
+            return x
+        return super().forward(x)
+
+
 class ConvHead(nn.Module):
     """The aMINT paper's CNN head: per tap 3x3 conv-BN-ReLU -> avg pool; concat -> MLP.
 
@@ -29,7 +43,7 @@ class ConvHead(nn.Module):
                  grid: int = 1):
         super().__init__()
         self.branches = nn.ModuleList(
-            nn.Sequential(ConvNormAct(c, channels, 3), nn.AdaptiveAvgPool2d(grid), nn.Flatten(1)) for c in in_chs
+            nn.Sequential(ConvNormAct(c, channels, 3), _CellPool(grid), nn.Flatten(1)) for c in in_chs
         )
         self.classifier = _classifier(channels * grid * grid * len(in_chs), hidden, dropout)
 

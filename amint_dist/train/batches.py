@@ -22,7 +22,7 @@ class CyclingBatches:
     def next(self) -> dict:
         if self._batches is None:
             self.stream.set_epoch(self.epoch, self.position)
-            self._batches = iter(make_loader(self.stream))
+            self._batches = iter(make_loader(self.stream, pin_memory=torch.cuda.is_available()))
         batch = next(self._batches, None)
         if batch is None:
             self.epoch, self.position, self._batches = self.epoch + 1, 0, None
@@ -42,11 +42,14 @@ def combine(parts: Mapping[str, dict], device: torch.device) -> dict:
         return torch.cat([torch.full((len(b["label"]),), name in names) for name, b in parts.items()])
 
     cat = lambda key: torch.cat([b[key] for b in parts.values()])  # noqa: E731
+    # each part to the device first, then one cat there: copies from the loaders' pinned batches (on CUDA)
+    # stay asynchronous, where a CPU-side cat would make a pageable (synchronous) copy
+    on_device = lambda key: torch.cat([b[key].to(device, non_blocking=True) for b in parts.values()])  # noqa: E731
     valid = cat("valid")
     is_member = rows_of(MINT_POSITIVE_PARTS)
     return {
-        "image": cat("image").to(device, non_blocking=True),
-        "label": cat("label").to(device, non_blocking=True),
+        "image": on_device("image"),
+        "label": on_device("label"),
         "task_mask": (valid & rows_of(TASK_PARTS)).to(device),
         "mint_mask": (valid & (is_member | rows_of(MINT_NEGATIVE_PARTS))).to(device),
         "is_member": is_member.to(device),

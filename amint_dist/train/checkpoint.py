@@ -1,4 +1,11 @@
-"""Checkpoints: Accelerate state on every rank + ledger per rank + rank agreement + train state; ``latest`` last."""
+"""Checkpoints: Accelerate state on every rank + ledger per rank + rank agreement + train state; ``latest`` last.
+
+A checkpoint is written into a hidden ``.step-N.partial`` directory, every file is fsynced and hashed, and
+the directory is renamed into place whole: a ``step-*`` directory is always complete, and a kill during the
+write leaves only the hidden partial, which resume ignores (and the next save at that step removes). Its
+files' sha256 go to the audit trail before ``latest`` names it; resume checks them before Accelerate or
+DeepSpeed unpickles anything (``amint_dist.trail``).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +14,17 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 
 from amint_dist.dist import check_ranks_agree
-from amint_dist.io import atomic_write_json, atomic_write_text
+from amint_dist.io import atomic_write_json, atomic_write_text, fsync_dir, read_json
+from amint_dist.trail import (AuditTrail, TrailError, checkpoint_file_problems, checkpoint_ledger_digest,
+                              hash_files, relative_files)
 from amint_dist.train.ledger import ExposureLedger
 from amint_dist.train.state import TrainState
 
 LATEST = "latest"
+PARTIAL = ".partial"
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -21,26 +32,70 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, ledger: ExposureLedger,
-                    keep_last: int, model=None) -> Path:
+                    keep_last: int, model=None, trail: AuditTrail | None = None,
+                    rank_state: dict | None = None) -> Path:
     """Save on every rank (DeepSpeed needs it); the checkpoint counts only once ``latest`` names it.
 
     With ``model``, every rank's parameter checksum is gathered into ``distributed.json`` (world, engine,
-    hosts) and a checkpoint of diverged ranks is refused.
+    hosts) and a checkpoint of diverged ranks is refused. ``rank_state`` (JSON) is saved per rank; ``trail``
+    (rank 0) records the checkpoint's files and ledger digest.
     """
     root = checkpoint_root(run_dir)
-    path = root / f"step-{state.step:08d}"
     agreement = check_ranks_agree(accelerator, model) if model is not None else None  # a collective
-    accelerator.save_state(str(path))
-    ledger.save(path / f"ledger-rank{accelerator.process_index:05d}.npz")
+    name = [_free_name(root, state.step) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(name, from_process=0)
+    tmp, final = root / f".{name[0]}{PARTIAL}", root / name[0]
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing this step
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    rank = accelerator.process_index
+    ledger.save(tmp / f"ledger-rank{rank:05d}.npz")
+    if rank_state is not None:
+        atomic_write_json(tmp / f"rank-{rank:05d}.json", rank_state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if agreement is not None:
-            atomic_write_json(path / "distributed.json", {"step": state.step, **agreement})
-        atomic_write_json(path / "train_state.json", state.to_dict())
-        atomic_write_text(root / LATEST, path.name + "\n")
-        _prune(root, keep_last, keep=path.name)
+            atomic_write_json(tmp / "distributed.json", {"step": state.step, **agreement})
+        atomic_write_json(tmp / "train_state.json", state.to_dict())
     accelerator.wait_for_everyone()
-    return path
+    names = relative_files(tmp)  # every rank fsyncs and hashes its share of the files
+    share = hash_files(tmp, names[rank::accelerator.num_processes], fsync=True)
+    shares = gather_object([share]) if accelerator.num_processes > 1 else [share]
+    if accelerator.is_main_process:
+        for d in {tmp, *((tmp / n).parent for n in names)}:
+            fsync_dir(d)
+        tmp.rename(final)
+        fsync_dir(root)
+        if trail is not None:
+            trail.append("checkpoint", checkpoint=final.name, step=state.step, epoch=state.epoch,
+                         batch_in_epoch=state.batch_in_epoch, world_size=accelerator.num_processes,
+                         ledger_sha256=checkpoint_ledger_digest(final),
+                         files=dict(sorted(kv for s in shares for kv in s.items())))
+        atomic_write_text(root / LATEST, final.name + "\n")
+        _prune(root, keep_last, keep=final.name)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _free_name(root: Path, step: int) -> str:
+    """``step-N``, or ``step-N-K`` when a checkpoint of that step exists (never rewrite one in place)."""
+    name = f"step-{step:08d}"
+    k = 0
+    while (root / (name if k == 0 else f"{name}-{k:03d}")).exists():
+        k += 1
+    return name if k == 0 else f"{name}-{k:03d}"
+
+
+def clean_partials(run_dir: Path) -> list[Path]:
+    """Remove what a killed run left half written: ``.step-*.partial`` dirs and atomic-write temp files."""
+    root = checkpoint_root(run_dir)
+    stale = [*root.glob(f".step-*{PARTIAL}"), *root.glob(".*.tmp"), *Path(run_dir).glob(".*.tmp")]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -54,8 +109,36 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, ledger_sizes: dict[str, int]) -> tuple[TrainState, ExposureLedger]:
-    """Restore model/optimizer/RNG state; each rank gets its own ledger back (rank 0 the sum if world changed)."""
+def verify_checkpoint(accelerator: Accelerator, path: Path, splits_sha256: str, key: bytes | None) -> None:
+    """Refuse (on every rank together) a checkpoint whose files differ from its run's audit trail entry.
+
+    Accelerate and DeepSpeed unpickle parts of a checkpoint (optimizer and RNG states, DeepSpeed's model
+    states): nothing there is loaded unless its sha256 matches the trail (signed when a key is set).
+    """
+    problems: list[str] = []
+    try:
+        chain = AuditTrail(path.parent.parent, splits_sha256, key).verified()
+        entry = chain.last("checkpoint", checkpoint=path.name)
+        if entry is None:
+            raise TrailError(f"{path} is not recorded in the audit trail: its files cannot be verified")
+        problems = checkpoint_file_problems(path, entry.get("files") or {}, accelerator.process_index,
+                                            accelerator.num_processes)
+    except TrailError as e:
+        problems = [str(e)]
+    everyone = gather_object(problems) if accelerator.num_processes > 1 else problems
+    if everyone:
+        more = f" (and {len(everyone) - 1} more)" if len(everyone) > 1 else ""
+        raise TrailError(f"refusing to resume from {path.name}: {everyone[0]}{more}")
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, ledger_sizes: dict[str, int],
+                    splits_sha256: str | None = None, key: bytes | None = None) -> tuple[TrainState, ExposureLedger]:
+    """Restore model/optimizer/RNG state; each rank gets its own ledger back (rank 0 the sum if world changed).
+
+    With ``splits_sha256``, the checkpoint is verified against the audit trail first (``verify_checkpoint``).
+    """
+    if splits_sha256 is not None:
+        verify_checkpoint(accelerator, path, splits_sha256, key)
     accelerator.load_state(str(path))
     state = TrainState.from_dict(json.loads((path / "train_state.json").read_text()))
     ledger = ExposureLedger(ledger_sizes)
@@ -69,6 +152,12 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ledger_sizes: dict[str
         state.batch_in_epoch, state.epoch = 0, state.epoch + (1 if state.batch_in_epoch else 0)
         state.world_size = accelerator.num_processes
     return state, ledger
+
+
+def load_rank_state(path: Path, rank: int) -> dict:
+    """This rank's ``rank_state`` of a checkpoint ({} when it has none, e.g. another world size)."""
+    f = path / f"rank-{rank:05d}.json"
+    return read_json(f, what="rank state") if f.is_file() else {}
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:

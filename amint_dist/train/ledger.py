@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +23,15 @@ class ExposureLedger:
         """Count the valid rows of a batch (padding and skipped samples never count)."""
         idx = indices[valid].numpy()
         np.add.at(self.counts[split], idx, 1)
+
+    def digest(self) -> str:
+        """sha256 of the counts (split names, sizes, little-endian int32 values): the same for equal ledgers,
+        whatever the file's compression or time stamps; the audit trail records it."""
+        h = hashlib.sha256()
+        for split in sorted(self.counts):
+            h.update(f"{split}:{len(self.counts[split])}\n".encode())
+            h.update(self.counts[split].astype("<i4").tobytes())
+        return h.hexdigest()
 
     def total(self) -> dict[str, int]:
         return {split: int(c.sum()) for split, c in self.counts.items()}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,22 @@ from tqdm import tqdm
 
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
 from amint_dist.data.transforms import data_config_for, make_transform
+from amint_dist.config_checks import check_dataset_fit, check_train_config, read_batches
 from amint_dist.dist import make_accelerator, reduce_sum, shared_run_dir
-from amint_dist.io import atomic_write_text
+from amint_dist.io import atomic_write_text, complete_lines, sha256_file
 from amint_dist.models import build_auditable_model
 from amint_dist.tb import Monitor
 from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.batches import CyclingBatches, combine, skipped_entries
-from amint_dist.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from amint_dist.trail import AuditTrail, audit_key
+from amint_dist.train.checkpoint import (clean_partials, latest_checkpoint, load_checkpoint, load_rank_state,
+                                         save_checkpoint)
 from amint_dist.train.ledger import ExposureLedger
 from amint_dist.train.negatives import shifted_batch
+from amint_dist.train.optim import make_optimizer
 from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
 from amint_dist.train.schedule import lr_at
+from amint_dist.train.skips import SkipBudget
 from amint_dist.train.state import TrainState
 from amint_dist.train.stats import StepStats
 
@@ -39,31 +43,46 @@ MODEL_MINT_KEYS = ("mode", "taps", "head")
 def train(cfg: Mapping[str, Any]) -> Path:
     """Train the audited model and its MINT head; return the run directory."""
     tcfg, mcfg = cfg["train"], cfg["mint"]
+    check_train_config(cfg)  # one line naming the key, before any process group, file or model
     _refuse_sample_mixing(tcfg)
     accelerator = make_accelerator(tcfg, cfg["optim"])
     set_seed(int(tcfg["seed"]))
     run_dir = shared_run_dir(accelerator, cfg["run"]["dir"])
     manifest = ensure_dataset(cfg["data"], accelerator)
+    check_dataset_fit(cfg, manifest, accelerator.num_processes)
     model_cfg = {**cfg["model"], "num_classes": cfg["model"].get("num_classes") or manifest["num_classes"]}
     model = build_auditable_model(model_cfg, {k: mcfg[k] for k in MODEL_MINT_KEYS if k in mcfg})
     data_config = data_config_for(model.backbone, int(model_cfg["img_size"]), cfg["data"].get("transform"))
     streams = _make_streams(cfg, manifest, data_config, accelerator)
 
-    optimizer = torch.optim.AdamW(model.param_groups(float(cfg["optim"]["weight_decay"])),
-                                  lr=float(cfg["optim"]["lr"]), betas=tuple(cfg["optim"]["betas"]))
+    optimizer = make_optimizer(model.param_groups(float(cfg["optim"]["weight_decay"])), cfg["optim"])
     model, optimizer = accelerator.prepare(model, optimizer)
     sizes = {s: int(n) for s, n in manifest["counts"].items()}
-    state, ledger = _start(cfg, accelerator, run_dir, sizes)
+    trail = AuditTrail(run_dir, sha256_file(Path(str(cfg["data"]["root"])) / "splits.json"), audit_key())
+    state, ledger, resumed = _start(cfg, accelerator, run_dir, sizes, trail)
     accelerator.wait_for_everyone()  # every rank has checked the run dir before rank 0 writes config.yaml
-    if accelerator.is_main_process and not (run_dir / "config.yaml").exists():
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
-    loop = _Loop(cfg, accelerator, model, optimizer, streams, state, ledger, Monitor(run_dir, accelerator.is_main_process))
+    if accelerator.is_main_process:
+        if not (run_dir / "config.yaml").exists():
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
+        if resumed is None:
+            trail.start(run_dir / "config.yaml", accelerator.num_processes)
+        else:
+            trail.append("resume", checkpoint=resumed.name, step=state.step, world_size=accelerator.num_processes)
+    monitor = Monitor(run_dir, accelerator.is_main_process, resume_at=(state.step, state.epoch) if resumed else None)
+    loop = _Loop(cfg, accelerator, model, optimizer, streams, state, ledger, monitor)
     loop.exposure_log = _open_exposure_log(cfg, accelerator, run_dir, state.step)
+    loop.skip_budget = SkipBudget.for_dataset(float(cfg["data"].get("max_skip_fraction", 0.01)), manifest)
+    loop.trail = trail
+    if resumed is not None:
+        loop.resumed_from(resumed)
     loop.run(run_dir)
     save_final_model(accelerator, model, run_dir, model_cfg, mcfg, data_config, cfg["data"]["root"], manifest)
     summed = loop.ledger.summed(lambda t: reduce_sum(accelerator, t))  # a collective: every rank
     if accelerator.is_main_process:
         summed.save(run_dir / "ledger.npz")
+        trail.append("final", checkpoint=loop.last_checkpoint, step=loop.state.step, ledger_sha256=summed.digest(),
+                     weights_sha256=sha256_file(run_dir / "model.safetensors"),
+                     model_config_sha256=sha256_file(run_dir / "model_config.json"))
     accelerator.wait_for_everyone()
     loop.monitor.close()
     return run_dir
@@ -77,29 +96,33 @@ def _refuse_sample_mixing(tcfg: Mapping) -> None:
                          "members must stay identifiable (see docs/distributed.md, 'Mixup and CutMix'); set both to 0")
 
 
-def _start(cfg: Mapping, accelerator: Accelerator, run_dir: Path, sizes: dict[str, int]) -> tuple[TrainState, ExposureLedger]:
-    """Fresh state for a new run dir, or the latest checkpoint's with ``resume=latest``."""
+def _start(cfg: Mapping, accelerator: Accelerator, run_dir: Path, sizes: dict[str, int],
+           trail: AuditTrail) -> tuple[TrainState, ExposureLedger, Path | None]:
+    """Fresh state for a new run dir, or (verified against the audit trail) the latest checkpoint's with
+    ``resume=latest``; the third value is the checkpoint resumed from."""
     resume = cfg.get("resume")
     if resume:
         path = latest_checkpoint(run_dir) if resume == "latest" else Path(resume)
         if path is None:
             raise FileNotFoundError(f"resume={resume}: no checkpoint under {run_dir / 'checkpoints'}")
         accelerator.print(f"resuming from {path}")
-        return load_checkpoint(accelerator, path, sizes)
+        state, ledger = load_checkpoint(accelerator, path, sizes, trail.splits_sha256, trail.key)
+        accelerator.wait_for_everyone()  # every rank has loaded before rank 0 clears what the killed run left
+        if accelerator.is_main_process:
+            for stale in clean_partials(run_dir):
+                log.info("removed %s (half written by an interrupted run)", stale)
+        return state, ledger, path
     if (run_dir / "config.yaml").exists():
         raise FileExistsError(f"run dir {run_dir} already holds a run; pass resume=latest or another run.dir")
-    return TrainState(world_size=accelerator.num_processes), ExposureLedger(sizes)
+    return TrainState(world_size=accelerator.num_processes), ExposureLedger(sizes), None
 
 
 def _make_streams(cfg: Mapping, manifest: Mapping, data_config: dict, accelerator: Accelerator) -> dict[str, ShardedSplitStream]:
     """Member, probe and external streams for this rank; probe batch sized to keep pace with members."""
     dcfg, tcfg = cfg["data"], cfg["train"]
-    batch = int(tcfg["batch_size"])
     counts = manifest["counts"]
     mint_on = cfg["mint"]["mode"] != "off"
-    sizes = {"members": batch, "external": max(1, round(batch * float(cfg["mint"]["external_ratio"]))) if mint_on else 0}
-    probe_batch = tcfg.get("probe_batch_size", "auto")
-    sizes["probe"] = round(batch * counts["probe"] / max(1, counts["members"])) if probe_batch == "auto" else int(probe_batch)
+    sizes = read_batches(cfg, counts)
     needed = ["members"] + (["external"] if mint_on else [])
     empty = [split for split in needed if not counts[split]]
     if empty:
@@ -112,6 +135,7 @@ def _make_streams(cfg: Mapping, manifest: Mapping, data_config: dict, accelerato
             SplitShards.from_root(dcfg["root"], split), transform, image_shape, n,
             rank=accelerator.process_index, world=accelerator.num_processes, workers=int(dcfg["workers"]),
             seed=int(tcfg["seed"]), shuffle=True, shuffle_buffer=int(dcfg["shuffle_buffer"]),
+            num_classes=int(manifest["num_classes"]),
         )
         for split, n in sizes.items()
         if n > 0 and counts[split] > 0
@@ -141,6 +165,25 @@ class _Loop:
         self.window, self.epoch_stats = StepStats(), StepStats()
         self.pending_skips: list[tuple[str, str]] = []  # this rank's skipped samples not yet merged
         self.exposure_log = None
+        self.skip_budget = SkipBudget(1.0)  # train() sets data.max_skip_fraction's
+        self.trail: AuditTrail | None = None
+        self.ckpt_due = False  # a step checkpoint is due (deferred past the epoch's end when the step ends it)
+        self.saved_at: tuple[int, int, int] | None = None  # position of the last checkpoint written or loaded
+        self.last_checkpoint: str | None = None
+
+    def resumed_from(self, path: Path) -> None:
+        """Continue from checkpoint ``path``: its position and this rank's running statistics."""
+        self.saved_at, self.last_checkpoint = self._position(), path.name
+        saved = load_rank_state(path, self.accelerator.process_index)
+        if saved.get("world_size") == self.accelerator.num_processes:
+            self.window.load_sums(saved["window"])
+            self.epoch_stats.load_sums(saved["epoch"])
+
+    def _position(self) -> tuple[int, int, int]:
+        return self.state.step, self.state.epoch, self.state.batch_in_epoch
+
+    def _epoch_over(self) -> bool:
+        return self.state.batch_in_epoch >= len(self._members_epoch(self.state.epoch))
 
     def _members_epoch(self, epoch: int) -> range:
         stream = self.streams["members"]
@@ -153,7 +196,7 @@ class _Loop:
         while self.state.epoch < self.epochs and not self._done():
             members = self.streams["members"]
             members.set_epoch(self.state.epoch, self.state.batch_in_epoch)
-            batches = iter(make_loader(members))
+            batches = iter(make_loader(members, pin_memory=torch.cuda.is_available()))
             for _ in range(len(self._members_epoch(self.state.epoch)) - self.state.batch_in_epoch):
                 if self._done():
                     break
@@ -165,8 +208,10 @@ class _Loop:
                 if self.state.step % int(tcfg["log_every"]) == 0:
                     self._log_window()
                 if int(tcfg["ckpt_every_steps"]) and self.state.step % int(tcfg["ckpt_every_steps"]) == 0:
+                    self.ckpt_due = True
+                if self.ckpt_due and not self._epoch_over():  # else after the epoch's end: no step is split
                     self._checkpoint(run_dir)
-            if self.state.batch_in_epoch >= len(self._members_epoch(self.state.epoch)):
+            if self._epoch_over():
                 self._end_epoch(run_dir)
         bar.close()
         self._checkpoint(run_dir)
@@ -232,6 +277,7 @@ class _Loop:
         self.state.loss_norms = list(self.losses.norms)
 
     def _log_window(self) -> None:
+        self._merge_skips()
         summary = self.window.reduce(lambda t: reduce_sum(self.accelerator, t))
         summary["train/lr"] = self._lr()
         self.monitor.scalars(summary, self.state.step)
@@ -242,31 +288,46 @@ class _Loop:
 
     def _end_epoch(self, run_dir: Path) -> None:
         summary = self.epoch_stats.reduce(lambda t: reduce_sum(self.accelerator, t))
-        new_skips = self._merge_skips()
-        self.monitor.scalars({f"data/skipped/{r}": n for r, n in self.state.skipped.items()}, self.state.step)
+        self._merge_skips(epoch_end=True)
         self.monitor.epoch_line({"epoch": self.state.epoch, "step": self.state.step, "lr": self._lr(),
                                  **{k.split("/", 1)[1]: round(v, 6) for k, v in summary.items()},
-                                 "skipped": dict(self.state.skipped), "skipped_keys": new_skips,
+                                 "skipped": dict(self.state.skipped), "skipped_keys": self.state.epoch_skipped,
                                  "exposures_this_rank": self.ledger.total()})
         self.epoch_stats = StepStats()
         self.state.epoch += 1
         self.state.batch_in_epoch = 0
+        self.state.epoch_skipped = []
         every = int(self.cfg["train"]["ckpt_every_epochs"])
-        if every and self.state.epoch % every == 0 and self.state.epoch < self.epochs:
+        if (every and self.state.epoch % every == 0 or self.ckpt_due) and self.state.epoch < self.epochs:
             self._checkpoint(run_dir)
 
-    def _merge_skips(self) -> list[tuple[str, str]]:
-        """Gather every rank's new skips (a collective); add their counts to the shared state."""
-        entries = gather_object(self.pending_skips) if self.accelerator.num_processes > 1 else self.pending_skips
+    def _merge_skips(self, epoch_end: bool = False) -> None:
+        """Gather every rank's new skips (a collective) into the shared state (counts, this epoch's keys) and
+        TensorBoard; every rank stops together when ``data.max_skip_fraction`` is exceeded."""
+        mine = (self.pending_skips, sum(self.ledger.total().values()))
+        gathered = gather_object([mine]) if self.accelerator.num_processes > 1 else [mine]
         self.pending_skips = []
-        self.state.count_skips(Counter(reason for _, reason in entries))
-        return [list(e) for e in entries]
+        entries = [(str(what), str(reason)) for skips, _ in gathered for what, reason in skips]
+        self.state.add_skips(entries)
+        skipped = sum(self.state.skipped.values())
+        read = skipped + sum(consumed for _, consumed in gathered)
+        if entries:
+            self.monitor.scalars({**{f"data/skipped/{r}": n for r, n in self.state.skipped.items()},
+                                  "data/skipped_fraction": skipped / max(read, 1)}, self.state.step)
+        self.skip_budget.check(self.state.skipped, read, epoch_end, self.state.epoch_skipped)
 
     def _checkpoint(self, run_dir: Path) -> None:
+        self.ckpt_due = False
+        if self._position() == self.saved_at:
+            return  # this very position is saved already (a run that ended on a checkpoint step, or a no-op resume)
         self._merge_skips()
         self.state.cursors = {s: c.cursor() for s, c in self.cycling.items()}
-        save_checkpoint(self.accelerator, run_dir, self.state, self.ledger, int(self.cfg["train"]["keep_checkpoints"]),
-                        model=self.model)
+        rank_state = {"world_size": self.accelerator.num_processes, "window": self.window.sums_dict(),
+                      "epoch": self.epoch_stats.sums_dict()}
+        path = save_checkpoint(self.accelerator, run_dir, self.state, self.ledger,
+                               int(self.cfg["train"]["keep_checkpoints"]), model=self.model, trail=self.trail,
+                               rank_state=rank_state)
+        self.saved_at, self.last_checkpoint = self._position(), path.name
 
 
 def _open_exposure_log(cfg: Mapping, accelerator: Accelerator, run_dir: Path, resume_step: int):
@@ -279,6 +340,6 @@ def _open_exposure_log(cfg: Mapping, accelerator: Accelerator, run_dir: Path, re
     path = run_dir / "exposure_log" / f"rank-{accelerator.process_index:05d}.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
-        kept = [line for line in path.read_text().splitlines(True) if int(line.split("\t", 1)[0]) < resume_step]
+        kept = [line for line in complete_lines(path) if int(line.split("\t", 1)[0]) < resume_step]
         atomic_write_text(path, "".join(kept))
     return open(path, "a", buffering=1 << 16)

@@ -15,11 +15,17 @@ class TrainState:
     loss_norms: list[float] | None = None  # first-step (task, mint) losses, averaged over ranks
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> samples skipped, all ranks
     world_size: int = 1
+    epoch_skipped: list[list[str]] = field(default_factory=list)  # [key or shard, reason] of this epoch, all ranks
 
     def count_skips(self, reasons: Counter) -> None:
         """Add skipped-sample counts (already summed over ranks)."""
         for reason, n in reasons.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+
+    def add_skips(self, entries: list[tuple[str, str]]) -> None:
+        """Add every rank's newly skipped (key, reason) pairs: counts and this epoch's list."""
+        self.count_skips(Counter(reason for _, reason in entries))
+        self.epoch_skipped.extend([str(what), str(reason)] for what, reason in entries)
 
     def to_dict(self) -> dict:
         return asdict(self)

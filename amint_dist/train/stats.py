@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -66,6 +66,16 @@ class StepStats:
                 "train/mint_acc_external": ratio(s["external_correct"], s["external_rows"]),
             })
         return out
+
+    def sums_dict(self) -> dict[str, float]:
+        """The sums by field name (saved per rank with a checkpoint)."""
+        return dict(zip(FIELDS, self.sums.tolist()))
+
+    def load_sums(self, sums: Mapping[str, float]) -> None:
+        """Restore :meth:`sums_dict` output (fields unknown to this version are ignored)."""
+        for name, value in sums.items():
+            if name in FIELDS:
+                self.sums[FIELDS.index(name)] = float(value)
 
     def mint_scores(self) -> tuple[np.ndarray, np.ndarray]:
         """This rank's recent MINT probabilities for members and for external samples."""
