@@ -5,8 +5,9 @@ timm eval transform, collation with keys and indices) over one split, for one ep
 tar files read with ``tarfile`` in the same shard order, each image decoded with PIL and put through the
 same transform, rows stacked into batches of the same size: no pipeline, no shuffle, no metadata.
 Both run in this process (``workers=0``: one core each), so their ratio is the per-core efficiency of
-the reader. ``--workers`` adds reader runs with DataLoader worker processes (absolute images/s; per
-core = images/s / max(1, workers)).
+the reader. ``--workers`` adds reader runs with DataLoader worker processes kept across epochs as training
+keeps them (absolute images/s; per core = images/s / workers; no CPU-time figures for them: the CPU
+time of live worker processes is not counted).
 
     python benchmarks/data_throughput.py                       # generated JPEG root + data/digits
     python benchmarks/data_throughput.py --roots jpeg --n 5000 --rounds 6 --workers 1 2
@@ -106,9 +107,10 @@ def image_format(url: str) -> str:
         return next(m.name.rsplit(".", 1)[-1] for m in tar if m.name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
 
 
-def reader_epoch(stream: ShardedSplitStream) -> int:
+def reader_epoch(stream: ShardedSplitStream, loader=None) -> int:
+    """One epoch through ``loader`` (a persistent one, as training keeps them) or a fresh ``make_loader``."""
     stream.set_epoch(0)
-    return sum(int(b["valid"].sum()) for b in make_loader(stream))
+    return sum(int(b["valid"].sum()) for b in (loader or make_loader(stream)))
 
 
 def bench_root(name: str, root: Path, args) -> dict:
@@ -131,11 +133,15 @@ def bench_root(name: str, root: Path, args) -> dict:
     sides = {"raw": lambda: sum(raw_epoch(list(shards.urls), order, transform, args.batch_size) for _ in range(reps)),
              "reader_w0": lambda s=stream(0): sum(reader_epoch(s) for _ in range(reps))}
     for w in args.workers:
-        if w > 0:
-            sides[f"reader_w{w}"] = lambda s=stream(w): sum(reader_epoch(s) for _ in range(reps))
+        if w > 0:  # worker processes kept across epochs, as the training loop keeps them
+            s = stream(w)
+            sides[f"reader_w{w}"] = lambda s=s, loader=make_loader(s, persistent=True): sum(
+                reader_epoch(s, loader) for _ in range(reps))
     for side in sides.values():  # warm-up: page cache, imports, worker start paths
         side()
     result = alternate(sides, args.rounds)
+    for key in ("samples_per_cpu_s", "cpu_ratio_to_raw"):  # persistent workers' CPU time is not counted
+        result[key] = {k: (v if k in ("raw", "reader_w0") else None) for k, v in result[key].items()}
     ratio = result["paired_ratio_to_raw"]["reader_w0"]
     per_core = {k: round(v / max(1, int(k.split("_w")[1]) if "_w" in k else 1), 2)
                 for k, v in result["samples_per_s"].items()}

@@ -15,6 +15,7 @@ class CyclingBatches:
     def __init__(self, stream: ShardedSplitStream, epoch: int = 0, position: int = 0):
         self.stream, self.epoch, self.position = stream, epoch, position
         self._batches: Iterator[dict] | None = None
+        self._loader = None  # one loader for every epoch: its worker processes persist
 
     def cursor(self) -> list[int]:
         return [self.epoch, self.position]
@@ -22,7 +23,9 @@ class CyclingBatches:
     def next(self) -> dict:
         if self._batches is None:
             self.stream.set_epoch(self.epoch, self.position)
-            self._batches = iter(make_loader(self.stream, pin_memory=torch.cuda.is_available()))
+            if self._loader is None:
+                self._loader = make_loader(self.stream, pin_memory=torch.cuda.is_available(), persistent=True)
+            self._batches = iter(self._loader)
         batch = next(self._batches, None)
         if batch is None:
             self.epoch, self.position, self._batches = self.epoch + 1, 0, None

@@ -193,10 +193,11 @@ class _Loop:
         tcfg = self.cfg["train"]
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
                    desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+        members = self.streams["members"]
+        loader = make_loader(members, pin_memory=torch.cuda.is_available(), persistent=True)  # workers kept
         while self.state.epoch < self.epochs and not self._done():
-            members = self.streams["members"]
             members.set_epoch(self.state.epoch, self.state.batch_in_epoch)
-            batches = iter(make_loader(members, pin_memory=torch.cuda.is_available()))
+            batches = iter(loader)
             for _ in range(len(self._members_epoch(self.state.epoch)) - self.state.batch_in_epoch):
                 if self._done():
                     break
