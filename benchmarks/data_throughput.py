@@ -5,9 +5,9 @@ timm eval transform, collation with keys and indices) over one split, for one ep
 tar files read with ``tarfile`` in the same shard order, each image decoded with PIL and put through the
 same transform, rows stacked into batches of the same size: no pipeline, no shuffle, no metadata.
 Both run in this process (``workers=0``: one core each), so their ratio is the per-core efficiency of
-the reader. ``--workers`` adds reader runs with DataLoader worker processes kept across epochs as training
-keeps them (absolute images/s; per core = images/s / workers; no CPU-time figures for them: the CPU
-time of live worker processes is not counted).
+the reader. ``--workers`` adds reader runs with DataLoader worker processes, through one endless loader as
+training reads (workers persist and read ahead across epochs): absolute images/s, per core = images/s /
+workers, no CPU-time figures (the CPU time of live worker processes is not counted).
 
     python benchmarks/data_throughput.py                       # generated JPEG root + data/digits
     python benchmarks/data_throughput.py --roots jpeg --n 5000 --rounds 6 --workers 1 2
@@ -102,15 +102,31 @@ def raw_epoch(urls: list[str], order: list[int], transform, batch_size: int) -> 
     return n
 
 
+class EndlessReader:
+    """``reps`` epochs per call from one ``make_loader(endless=True)`` iterator (the training loop's way)."""
+
+    def __init__(self, stream: ShardedSplitStream, reps: int):
+        self.stream, self.reps, self.epoch = stream, reps, 0
+        stream.set_epoch(0)
+        self.batches = iter(make_loader(stream, endless=True))
+
+    def __call__(self) -> int:
+        rows = 0
+        for _ in range(self.reps):
+            n = self.stream.batches_per_reader(self.epoch) * self.stream.readers
+            rows += sum(int(next(self.batches)["valid"].sum()) for _ in range(n))
+            self.epoch += 1
+        return rows
+
+
 def image_format(url: str) -> str:
     with tarfile.open(url, "r:") as tar:
         return next(m.name.rsplit(".", 1)[-1] for m in tar if m.name.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS)
 
 
-def reader_epoch(stream: ShardedSplitStream, loader=None) -> int:
-    """One epoch through ``loader`` (a persistent one, as training keeps them) or a fresh ``make_loader``."""
+def reader_epoch(stream: ShardedSplitStream) -> int:
     stream.set_epoch(0)
-    return sum(int(b["valid"].sum()) for b in (loader or make_loader(stream)))
+    return sum(int(b["valid"].sum()) for b in make_loader(stream))
 
 
 def bench_root(name: str, root: Path, args) -> dict:
@@ -133,10 +149,8 @@ def bench_root(name: str, root: Path, args) -> dict:
     sides = {"raw": lambda: sum(raw_epoch(list(shards.urls), order, transform, args.batch_size) for _ in range(reps)),
              "reader_w0": lambda s=stream(0): sum(reader_epoch(s) for _ in range(reps))}
     for w in args.workers:
-        if w > 0:  # worker processes kept across epochs, as the training loop keeps them
-            s = stream(w)
-            sides[f"reader_w{w}"] = lambda s=s, loader=make_loader(s, persistent=True): sum(
-                reader_epoch(s, loader) for _ in range(reps))
+        if w > 0:  # one endless loader, as training reads: workers persist and read ahead across epochs
+            sides[f"reader_w{w}"] = EndlessReader(stream(w), reps)
     for side in sides.values():  # warm-up: page cache, imports, worker start paths
         side()
     result = alternate(sides, args.rounds)

@@ -258,3 +258,17 @@ def test_persistent_loader_yields_what_fresh_loaders_yield(members):
     batches = iter(loader)
     next(batches), next(batches)
     check(3)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_endless_loader_yields_epoch_after_epoch(members, workers):
+    """make_loader(endless=True): one iterator yields the set_epoch epoch from its start_batch (a resume),
+    then the next epochs whole: exactly the batches, images included, of a fresh loader per epoch."""
+    stream = ShardedSplitStream(members, ToTensor(), SHAPE, 16, workers=workers, seed=1)
+    stream.set_epoch(2, 5)
+    batches = iter(make_loader(stream, endless=True))
+    for epoch, start in ((2, 5), (3, 0), (4, 0)):
+        expected = run_stream(members, epoch=epoch, start_batch=start, workers=workers, seed=1)
+        got = [next(batches) for _ in expected]
+        assert [b["index"].tolist() for b in got] == [b["index"].tolist() for b in expected], (epoch, start)
+        assert all(torch.equal(g["image"], e["image"]) for g, e in zip(got, expected))

@@ -147,31 +147,36 @@ def train_cli_error(tmp_path: Path, data_root: Path, overrides: list[str], capsy
     return lines[0]
 
 
-def test_loader_workers_persist_across_epochs_and_resume_exactly(tmp_path, train_root):
-    """data.workers=2: the three loaders keep their worker processes across epochs (the epoch reaches them
-    through shared memory). Every step reads exactly the batches a fresh loader of its epoch yields, and a run
-    stopped mid-epoch and resumed consumes the same samples in the same order."""
+@pytest.mark.parametrize("accum", [1, 3])
+def test_endless_loaders_with_workers_read_what_fresh_loaders_read_and_resume_exactly(tmp_path, train_root, accum):
+    """data.workers=2: each split's loader is one endless iterator whose workers persist and read ahead across
+    epoch ends. Every step reads exactly the batches a fresh loader of its epoch yields (with grad_accum=3 an
+    epoch's last batches short of a whole group are skipped, as before), and a run stopped mid-epoch and
+    resumed consumes the same samples in the same order."""
     import torch
 
     from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
 
+    common = (*COMMON, "data.workers=2", f"train.grad_accum={accum}")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    run_train(full, train_root, *COMMON, "data.workers=2")
+    run_train(full, train_root, *common)
 
-    def fresh(split: str, batch: int, epochs: range) -> list[int]:
+    def fresh(split: str, batch: int, epochs: range, whole_groups: bool = False) -> list[int]:
         stream = ShardedSplitStream(SplitShards.from_root(train_root, split), lambda img: torch.zeros(3, 2, 2),
                                     (3, 2, 2), batch, workers=2, seed=0)
         valid = []
         for epoch in epochs:
             stream.set_epoch(epoch)
-            valid += [i for b in make_loader(stream) for i, v in zip(b["index"].tolist(), b["valid"].tolist()) if v]
+            batches = list(make_loader(stream))
+            for b in batches[:len(batches) // accum * accum] if whole_groups else batches:
+                valid += [i for i, v in zip(b["index"].tolist(), b["valid"].tolist()) if v]
         return valid
 
     trace = read_trace(full)
     consumed = {s: [i for _, split, i, _ in trace if split == s] for s in ("members", "external")}
-    assert consumed["members"] == fresh("members", 32, range(EPOCHS))
+    assert consumed["members"] == fresh("members", 32, range(EPOCHS), whole_groups=True)
     assert consumed["external"] == fresh("external", 32, range(2 * EPOCHS))[:len(consumed["external"])]
 
-    run_train(resumed, train_root, *COMMON, "data.workers=2", "train.max_steps=31")
-    run_train(resumed, train_root, *COMMON, "data.workers=2", "resume=latest")
+    run_train(resumed, train_root, *common, f"train.max_steps={31 // accum}")
+    run_train(resumed, train_root, *common, "resume=latest")
     assert read_trace(resumed) == trace

@@ -10,27 +10,31 @@ from amint_dist.data.pipeline import ShardedSplitStream, make_loader
 
 
 class CyclingBatches:
-    """Endless batches of a split, epoch after epoch, with a resumable (epoch, position) cursor."""
+    """Endless batches of a split, epoch after epoch, with a resumable (epoch, position) cursor.
+
+    One endless loader (``make_loader(endless=True)``): its workers persist and read ahead across epoch ends.
+    """
 
     def __init__(self, stream: ShardedSplitStream, epoch: int = 0, position: int = 0):
         self.stream, self.epoch, self.position = stream, epoch, position
         self._batches: Iterator[dict] | None = None
-        self._loader = None  # one loader for every epoch: its worker processes persist
 
     def cursor(self) -> list[int]:
         return [self.epoch, self.position]
 
+    def _epoch_length(self) -> int:
+        return self.stream.batches_per_reader(self.epoch) * self.stream.readers
+
     def next(self) -> dict:
         if self._batches is None:
+            while self.position >= self._epoch_length():  # a cursor at an epoch's end: the next epoch
+                self.epoch, self.position = self.epoch + 1, 0
             self.stream.set_epoch(self.epoch, self.position)
-            if self._loader is None:
-                self._loader = make_loader(self.stream, pin_memory=torch.cuda.is_available(), persistent=True)
-            self._batches = iter(self._loader)
-        batch = next(self._batches, None)
-        if batch is None:
-            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
-            return self.next()
+            self._batches = iter(make_loader(self.stream, pin_memory=torch.cuda.is_available(), endless=True))
+        batch = next(self._batches)
         self.position += 1
+        if self.position == self._epoch_length():
+            self.epoch, self.position = self.epoch + 1, 0
         return batch
 
 

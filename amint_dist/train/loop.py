@@ -194,10 +194,9 @@ class _Loop:
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
                    desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         members = self.streams["members"]
-        loader = make_loader(members, pin_memory=torch.cuda.is_available(), persistent=True)  # workers kept
+        members.set_epoch(self.state.epoch, self.state.batch_in_epoch)  # then epoch after epoch, read ahead
+        batches = iter(make_loader(members, pin_memory=torch.cuda.is_available(), endless=True))
         while self.state.epoch < self.epochs and not self._done():
-            members.set_epoch(self.state.epoch, self.state.batch_in_epoch)
-            batches = iter(loader)
             for _ in range(len(self._members_epoch(self.state.epoch)) - self.state.batch_in_epoch):
                 if self._done():
                     break
@@ -213,6 +212,9 @@ class _Loop:
                 if self.ckpt_due and not self._epoch_over():  # else after the epoch's end: no step is split
                     self._checkpoint(run_dir)
             if self._epoch_over():
+                whole = members.batches_per_reader(self.state.epoch) * members.readers
+                for _ in range(whole - len(self._members_epoch(self.state.epoch))):
+                    next(batches)  # the epoch's last batches, short of a whole grad_accum group: not trained on
                 self._end_epoch(run_dir)
         bar.close()
         self._checkpoint(run_dir)
