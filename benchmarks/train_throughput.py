@@ -11,6 +11,8 @@ data_throughput.py). Only valid rows count; every row is valid here.
     python benchmarks/train_throughput.py --models vit_digits --rounds 10 --threads 2
     python benchmarks/train_throughput.py --decompose                   # + loop with mint.mode=off
 
+Also reported: the forward FLOPs of backbone and MINT head (torch FlopCounterMode) and the ratio they allow.
+
 Models: ``vit_digits`` (configs/model/vit_digits.yaml at its img_size), ``vit_small`` (vit_small_patch16_224
 at --small-img-size on CPU), ``vit_b16`` (vit_base_patch16_224 at 224; default only when CUDA is present).
 """
@@ -215,6 +217,21 @@ def make_plain_side(cfg, accelerator, steps, sync, before: bool = False):
     return block
 
 
+def forward_flops(model: torch.nn.Module, images: torch.Tensor) -> dict:
+    """Forward FLOPs per row of the aMINT model (torch's FlopCounterMode), split into backbone and MINT head.
+    Training costs ~3x the forward on both sides alike, so ``backbone / total`` is the ratio to the plain
+    loop that the head's arithmetic alone allows (the ceiling of ``ratio_amint_over_plain``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images)
+    per_module = {k.rsplit(".", 1)[-1]: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    total, head = counter.get_total_flops(), per_module.get("mint_head", 0)
+    rows = len(images)
+    return {"total_per_row_mflops": round(total / rows / 1e6, 3), "head_per_row_mflops": round(head / rows / 1e6, 3),
+            "head_share": round(head / total, 4), "ceiling_ratio_to_plain": round((total - head) / total, 4)}
+
+
 def bench_model(name: str, args, accelerator_cache: dict) -> dict:
     overrides, num_classes, split_sizes = MODELS[name]
     overrides = [*overrides, f"model.num_classes={num_classes}", *args.override]
@@ -255,6 +272,7 @@ def bench_model(name: str, args, accelerator_cache: dict) -> dict:
     ratio = result["paired_ratio_to_plain"]["amint"]
     cpu_ratio = result["cpu_ratio_to_plain"]["amint"]
     ledger_total = sum(amint_loop.ledger.total().values())
+    flops = forward_flops(accelerator.unwrap_model(amint_loop.model), steps[0]["members"]["image"].to(accelerator.device))
     rows, samples = forward_rows(cfg, steps[0]), sum(sizes.values())
     return {
         "model": name,
@@ -270,6 +288,8 @@ def bench_model(name: str, args, accelerator_cache: dict) -> dict:
         "precision": accelerator.mixed_precision,
         **result,
         "ratio_amint_over_plain": ratio,
+        "forward_flops": flops,
+        "ratio_over_flop_ceiling": round(ratio / flops["ceiling_ratio_to_plain"], 4),
         "cpu_ratio_amint_over_plain": cpu_ratio,
         "dataset_samples_per_s_amint": round(result["samples_per_s"]["amint"] * samples / rows, 2),
         "ratio_dataset_samples_vs_plain_on_dataset_rows": round(ratio * samples / rows, 4),
