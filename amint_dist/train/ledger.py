@@ -37,10 +37,11 @@ class ExposureLedger:
         return {split: int(c.sum()) for split, c in self.counts.items()}
 
     def summed(self, reduce_sum) -> ExposureLedger:
-        """Ledger summed over ranks with ``reduce_sum(tensor) -> tensor`` (e.g. accelerator.reduce)."""
-        out = ExposureLedger({s: len(c) for s, c in self.counts.items()})
-        for split, c in self.counts.items():
-            out.counts[split] = reduce_sum(torch.from_numpy(c.astype(np.int64))).numpy().astype(np.int32)
+        """Ledger summed over ranks with ``reduce_sum(tensor) -> tensor`` (e.g. accelerator.reduce, which returns
+        a new tensor). Summed in int32 as counted, without zero-filled or widened copies: the end of training
+        holds one extra ledger, not three (docs/performance.md)."""
+        out = ExposureLedger({})
+        out.counts = {split: reduce_sum(torch.from_numpy(c)).numpy() for split, c in self.counts.items()}
         return out
 
     def save(self, path: str | Path) -> None:
