@@ -151,19 +151,23 @@ def as_before(model) -> None:
             module.__class__ = torch.nn.AdaptiveAvgPool2d
 
 
-def make_amint_side(cfg, accelerator, steps, split_sizes, run_dir: Path, sync, before: bool = False):
+def make_amint_side(cfg, accelerator, steps, split_sizes, run_dir: Path, sync, before: bool = False,
+                    compiled: bool = False):
     """A _Loop over prepared batches; returns the timed-block callable and the loop."""
     model_cfg = {**cfg["model"]}
     torch.manual_seed(0)
     model = build_auditable_model(model_cfg, {k: cfg["mint"][k] for k in MODEL_MINT_KEYS if k in cfg["mint"]})
     if before:
         as_before(model)
+    memory_format = model.memory_format(cfg["train"]["channels_last"], accelerator.device)  # as loop.train
+    model = model.to(memory_format=memory_format)
     optimizer = optimizer_for(model.param_groups(float(cfg["optim"]["weight_decay"])), cfg, before)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(torch.compile(model) if compiled else model, optimizer)
     streams = {s: _FakeStream(10**6) for s in steps[0]}
     loop = loop_module._Loop(cfg, accelerator, model, optimizer, streams, TrainState(), ExposureLedger(split_sizes),
                              Monitor(run_dir, False))
     loop.cycling = {s: _Cycle([step[s] for step in steps]) for s in steps[0] if s != "members"}
+    loop.memory_format = memory_format
     members = itertools.cycle([step["members"] for step in steps])
     rows = forward_rows(cfg, steps[0])
 
@@ -176,7 +180,7 @@ def make_amint_side(cfg, accelerator, steps, split_sizes, run_dir: Path, sync, b
     return block, loop
 
 
-def make_plain_side(cfg, accelerator, steps, sync, before: bool = False):
+def make_plain_side(cfg, accelerator, steps, sync, before: bool = False, compiled: bool = False):
     """timm backbone, cross-entropy on the same rows, same optimizer groups, clipping and Accelerator."""
     torch.manual_seed(0)
     model = create_backbone(**cfg["model"])
@@ -185,7 +189,7 @@ def make_plain_side(cfg, accelerator, steps, sync, before: bool = False):
     groups = param_groups_weight_decay(model, float(cfg["optim"]["weight_decay"]),
                                        no_weight_decay_list=getattr(model, "no_weight_decay", set)())
     optimizer = optimizer_for(groups, cfg, before)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(torch.compile(model) if compiled else model, optimizer)
     extra = shifted_parts(cfg)  # the plain loop forwards as many rows as the aMINT step (copies stand in)
     inputs = [(torch.cat([b["image"] for b in st.values()] + [st[x]["image"] for x in extra if x in st]),
                torch.cat([b["label"] for b in st.values()] + [st[x]["label"] for x in extra if x in st])) for st in steps]
@@ -266,6 +270,9 @@ def bench_model(name: str, args, accelerator_cache: dict) -> dict:
     if args.before:  # the code before the performance work (docs/performance.md), in the same alternation
         sides["plain_before"] = make_plain_side(cfg, accelerator, steps, sync, before=True)
         sides["amint_before"], _ = make_amint_side(cfg, accelerator, steps, split_sizes, run_dir, sync, before=True)
+    if args.compile:  # torch.compile (inductor) on both models; compilation happens in the warm-up
+        sides["plain_compiled"] = make_plain_side(cfg, accelerator, steps, sync, compiled=True)
+        sides["amint_compiled"], _ = make_amint_side(cfg, accelerator, steps, split_sizes, run_dir, sync, compiled=True)
     for block in sides.values():  # warm-up (first-step loss normalisers, allocator, kernels)
         block(args.warmup)
     result = alternate({k: (lambda b=b: b(args.steps)) for k, b in sides.items()}, args.rounds)
@@ -313,6 +320,7 @@ def main() -> None:
     p.add_argument("--decompose", action="store_true", help="also time the loop with mint.mode=off")
     p.add_argument("--before", action="store_true",
                    help="also time both sides as they were before the performance work (default AdamW, plain pooling)")
+    p.add_argument("--compile", action="store_true", help="also time both sides under torch.compile")
     p.add_argument("--tmp", default="/tmp/amint_bench_train")
     p.add_argument("override", nargs="*", help="extra Hydra overrides for both sides (e.g. mint.head.channels=32)")
     args = p.parse_args()

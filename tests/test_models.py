@@ -220,3 +220,36 @@ def test_bad_taps_raise(taps, message):
 def test_bad_config_raises(model_update, mint, message):
     with pytest.raises(ValueError, match=message):
         build_auditable_model({**model_cfg("resnet"), **model_update}, mint)
+
+
+@pytest.mark.parametrize("family, setting, device, expected", [
+    ("resnet", "auto", "cuda", torch.channels_last),  # a CNN on CUDA: NHWC
+    ("convnext", "auto", "cuda", torch.channels_last),
+    ("resnet", "auto", "cpu", torch.contiguous_format),  # not on CPU (slower for resnet18 there)
+    ("vit", "auto", "cuda", torch.contiguous_format),  # patch embedding: one conv per image
+    ("vit", True, "cpu", torch.channels_last),  # an explicit setting wins
+    ("resnet", False, "cuda", torch.contiguous_format),
+])
+def test_memory_format_setting(family, setting, device, expected):
+    assert build(family).memory_format(setting, torch.device(device)) == expected
+
+
+@pytest.mark.parametrize("family", ["resnet", "mobilenetv3"])
+def test_channels_last_model_computes_what_the_contiguous_one_does(family):
+    """train.channels_last=true converts the model and the step's images (batches.combine) to NHWC: same
+    logits, scores and gradients up to float rounding; the conv weights really are NHWC."""
+    from amint_dist.train.batches import combine
+
+    reference, nhwc = build(family, dropout=0.0), build(family, dropout=0.0).to(memory_format=torch.channels_last)
+    weight = next(m for m in nhwc.backbone.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)).weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    part = {"image": images(), "label": torch.zeros(4, dtype=torch.long), "valid": torch.ones(4, dtype=torch.bool)}
+    x = combine({"members": part}, torch.device("cpu"), torch.channels_last)["image"]
+    assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, images())
+    outputs = []
+    for model, inputs in ((reference, images()), (nhwc, x)):
+        logits, score = model(inputs)
+        (logits.sum() + score.sum()).backward()
+        outputs.append((logits, score, stem_weight(model).grad))
+    for got, want in zip(outputs[1], outputs[0]):  # as a whole: NHWC kernels sum in another order
+        assert ((got - want).norm() / want.norm()).item() < 1e-3

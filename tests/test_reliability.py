@@ -347,6 +347,7 @@ def metrics_exist(run_dir: Path) -> bool:
     ("optim.lr=-1e-3", "optim.lr=-0.001"),
     ("optim.lr=0", "optim.lr=0"),
     ("train.precision=fp8", "train.precision='fp8'"),
+    ("train.channels_last=sometimes", "train.channels_last='sometimes'"),
     ("data.max_skip_fraction=2", "data.max_skip_fraction=2"),
     ("data.fractions.members=-0.1", "data.fractions"),
     ("data.fractions.members=0.5", "data.fractions"),

@@ -54,6 +54,14 @@ class AuditableModel(nn.Module):
             taps = [t.detach() for t in taps]
         return self.backbone.forward_head(final), self.mint_head(taps)
 
+    def memory_format(self, setting: bool | str, device: torch.device) -> torch.memory_format:
+        """The memory format to train in: ``channels_last`` (NHWC) when ``setting`` is true, or ``"auto"`` on
+        CUDA for a convolutional backbone (tensor-core convolutions want NHWC); else contiguous (NCHW).
+        Patch-embedding backbones (ViT & co.) convolve once per image, so ``auto`` leaves them be."""
+        if setting == "auto":
+            setting = device.type == "cuda" and not hasattr(self.backbone, "patch_embed")
+        return torch.channels_last if setting else torch.contiguous_format
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: no decay on 1-D params (norms, biases) and the backbone's `no_weight_decay()`."""
         skip = getattr(self.backbone, "no_weight_decay", set)()

@@ -43,8 +43,10 @@ MINT_POSITIVE_PARTS = ("members",)
 MINT_NEGATIVE_PARTS = ("external", "members_shifted", "external_shifted")
 
 
-def combine(parts: Mapping[str, dict], device: torch.device) -> dict:
-    """Concatenate the step's batches into one forward's tensors and per-row loss masks."""
+def combine(parts: Mapping[str, dict], device: torch.device,
+            memory_format: torch.memory_format = torch.contiguous_format) -> dict:
+    """Concatenate the step's batches into one forward's tensors (images in ``memory_format``) and per-row
+    loss masks."""
     def rows_of(names: tuple[str, ...]) -> torch.Tensor:
         return torch.cat([torch.full((len(b["label"]),), name in names) for name, b in parts.items()])
 
@@ -55,7 +57,7 @@ def combine(parts: Mapping[str, dict], device: torch.device) -> dict:
     valid = cat("valid")
     is_member = rows_of(MINT_POSITIVE_PARTS)
     return {
-        "image": on_device("image"),
+        "image": on_device("image").contiguous(memory_format=memory_format),
         "label": on_device("label"),
         "task_mask": (valid & rows_of(TASK_PARTS)).to(device),
         "mint_mask": (valid & (is_member | rows_of(MINT_NEGATIVE_PARTS))).to(device),

@@ -52,6 +52,8 @@ def train(cfg: Mapping[str, Any]) -> Path:
     check_dataset_fit(cfg, manifest, accelerator.num_processes)
     model_cfg = {**cfg["model"], "num_classes": cfg["model"].get("num_classes") or manifest["num_classes"]}
     model = build_auditable_model(model_cfg, {k: mcfg[k] for k in MODEL_MINT_KEYS if k in mcfg})
+    memory_format = model.memory_format(tcfg["channels_last"], accelerator.device)
+    model = model.to(memory_format=memory_format)  # before prepare: ZeRO-3 partitions what it is given
     data_config = data_config_for(model.backbone, int(model_cfg["img_size"]), cfg["data"].get("transform"))
     streams = _make_streams(cfg, manifest, data_config, accelerator)
 
@@ -73,6 +75,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
     loop.exposure_log = _open_exposure_log(cfg, accelerator, run_dir, state.step)
     loop.skip_budget = SkipBudget.for_dataset(float(cfg["data"].get("max_skip_fraction", 0.01)), manifest)
     loop.trail = trail
+    loop.memory_format = memory_format
     if resumed is not None:
         loop.resumed_from(resumed)
     loop.run(run_dir)
@@ -166,6 +169,7 @@ class _Loop:
         self.pending_skips: list[tuple[str, str]] = []  # this rank's skipped samples not yet merged
         self.exposure_log = None
         self.skip_budget = SkipBudget(1.0)  # train() sets data.max_skip_fraction's
+        self.memory_format = torch.contiguous_format  # train() sets train.channels_last's
         self.trail: AuditTrail | None = None
         self.ckpt_due = False  # a step checkpoint is due (deferred past the epoch's end when the step ends it)
         self.saved_at: tuple[int, int, int] | None = None  # position of the last checkpoint written or loaded
@@ -235,7 +239,7 @@ class _Loop:
                                                       self.state.batch_in_epoch, self.accelerator.process_index)))
             parts.update({f"{split}_shifted": shifted_batch(parts[split], shift, gen)
                           for split, shift in self.shifts.items() if shift})
-        batch = combine(parts, self.accelerator.device)
+        batch = combine(parts, self.accelerator.device, self.memory_format)
         with self.accelerator.accumulate(self.model):
             for group in self.optimizer.param_groups:  # before backward: DeepSpeed steps inside accelerator.backward
                 group["lr"] = self._lr()
