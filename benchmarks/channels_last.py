@@ -1,8 +1,8 @@
 """aMINT training steps of CNN backbones in NCHW vs NHWC (``train.channels_last``), alternated in one process.
 
-Both sides are the real ``_Loop._micro_step`` of train_throughput.py (default experiment's MINT head and
-batch, synthetic in-memory rows) on the same backbone; one side with ``train.channels_last=false``, the other
-``true``. The ratio decides ``train.channels_last: auto`` (docs/performance.md).
+Both sides are the real ``_Loop._micro_step`` of train_throughput.py (the default experiment's MINT head on
+the ``middle`` taps preset, its batch, synthetic in-memory rows) on the same backbone; one side with
+``train.channels_last=false``, the other ``true``. The ratio decides ``train.channels_last: auto`` (docs/performance.md).
 
     python benchmarks/channels_last.py                                   # resnet18, mobilenetv3, convnext at 64 px
     python benchmarks/channels_last.py --models resnet50 --img-size 128 --rounds 4
@@ -21,7 +21,7 @@ from amint_dist.dist import make_accelerator
 
 
 def bench(name: str, args) -> dict:
-    overrides = [f"model.name={name}", f"model.img_size={args.img_size}", "model.num_classes=10",
+    overrides = [f"model.name={name}", "~model.kwargs", "mint.taps=middle", f"model.img_size={args.img_size}", "model.num_classes=10",
                  f"train.batch_size={args.batch_size}"]
     sides, cfg = {}, None
     for label, flag in (("nchw", "false"), ("nhwc", "true")):
