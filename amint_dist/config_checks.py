@@ -124,6 +124,7 @@ TRAIN_RULES: dict[str, Check] = {
     "train.mixup": number(0), "train.cutmix": number(0), "train.seed": integer(0), "train.log_every": integer(1),
     "train.ckpt_every_steps": integer(0), "train.ckpt_every_epochs": integer(0), "train.keep_checkpoints": integer(0),
     "train.exposure_log": boolean, "train.channels_last": either(choice("auto"), boolean),
+    "train.compile": boolean,
     "optim.lr": number(0, lo_open=True), "optim.min_lr": number(0), "optim.weight_decay": number(0),
     "optim.warmup_epochs": number(0), "optim.clip_grad": number(0), "optim.betas": pair(number(0, 1, hi_open=True)),
     "mint.mode": choice("active", "passive", "off"), "mint.task_weight": number(0), "mint.weight": number(0),

@@ -162,7 +162,9 @@ def make_amint_side(cfg, accelerator, steps, split_sizes, run_dir: Path, sync, b
     memory_format = model.memory_format(cfg["train"]["channels_last"], accelerator.device)  # as loop.train
     model = model.to(memory_format=memory_format)
     optimizer = optimizer_for(model.param_groups(float(cfg["optim"]["weight_decay"])), cfg, before)
-    model, optimizer = accelerator.prepare(torch.compile(model) if compiled else model, optimizer)
+    if compiled:
+        model.compile()  # as loop.train does for train.compile=true
+    model, optimizer = accelerator.prepare(model, optimizer)
     streams = {s: _FakeStream(10**6) for s in steps[0]}
     loop = loop_module._Loop(cfg, accelerator, model, optimizer, streams, TrainState(), ExposureLedger(split_sizes),
                              Monitor(run_dir, False))
@@ -189,7 +191,9 @@ def make_plain_side(cfg, accelerator, steps, sync, before: bool = False, compile
     groups = param_groups_weight_decay(model, float(cfg["optim"]["weight_decay"]),
                                        no_weight_decay_list=getattr(model, "no_weight_decay", set)())
     optimizer = optimizer_for(groups, cfg, before)
-    model, optimizer = accelerator.prepare(torch.compile(model) if compiled else model, optimizer)
+    if compiled:
+        model.compile()  # as loop.train does for train.compile=true
+    model, optimizer = accelerator.prepare(model, optimizer)
     extra = shifted_parts(cfg)  # the plain loop forwards as many rows as the aMINT step (copies stand in)
     inputs = [(torch.cat([b["image"] for b in st.values()] + [st[x]["image"] for x in extra if x in st]),
                torch.cat([b["label"] for b in st.values()] + [st[x]["label"] for x in extra if x in st])) for st in steps]

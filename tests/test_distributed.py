@@ -268,3 +268,12 @@ def test_audit_under_two_processes_reads_the_consolidated_zero3_model(tmp_path_f
     assert report["settings"]["world_size"] == 2
     counts = json.loads((train_root / "splits.json").read_text())["counts"]
     assert {s: v["n"] for s, v in report["scored"].items()} == {s: counts[s] for s in report["scored"]}
+
+
+def test_compile_under_zero3_is_refused_before_any_work(tmp_path, train_root):
+    """Dynamo cannot trace ZeRO-3's partitioned parameters (it fails deep in a fake-tensor call): one line first."""
+    proc = run_train(tmp_path / "compiled", train_root, "train.compile=true", check=False,
+                     launcher=launcher(ENGINES["zero3"]))
+    assert proc.returncode != 0
+    assert "error: train.compile=true is not supported under DeepSpeed ZeRO-3" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "compiled").exists()

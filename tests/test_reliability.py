@@ -348,6 +348,7 @@ def metrics_exist(run_dir: Path) -> bool:
     ("optim.lr=0", "optim.lr=0"),
     ("train.precision=fp8", "train.precision='fp8'"),
     ("train.channels_last=sometimes", "train.channels_last='sometimes'"),
+    ("train.compile=maybe", "train.compile='maybe'"),
     ("data.max_skip_fraction=2", "data.max_skip_fraction=2"),
     ("data.fractions.members=-0.1", "data.fractions"),
     ("data.fractions.members=0.5", "data.fractions"),

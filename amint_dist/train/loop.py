@@ -46,6 +46,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
     check_train_config(cfg)  # one line naming the key, before any process group, file or model
     _refuse_sample_mixing(tcfg)
     accelerator = make_accelerator(tcfg, cfg["optim"])
+    _refuse_compile_under_zero3(tcfg, accelerator)
     set_seed(int(tcfg["seed"]))
     run_dir = shared_run_dir(accelerator, cfg["run"]["dir"])
     manifest = ensure_dataset(cfg["data"], accelerator)
@@ -54,6 +55,8 @@ def train(cfg: Mapping[str, Any]) -> Path:
     model = build_auditable_model(model_cfg, {k: mcfg[k] for k in MODEL_MINT_KEYS if k in mcfg})
     memory_format = model.memory_format(tcfg["channels_last"], accelerator.device)
     model = model.to(memory_format=memory_format)  # before prepare: ZeRO-3 partitions what it is given
+    if tcfg["compile"]:
+        model.compile()  # in place (nn.Module.compile): parameter names, checkpoints and weights stay as they are
     data_config = data_config_for(model.backbone, int(model_cfg["img_size"]), cfg["data"].get("transform"))
     streams = _make_streams(cfg, manifest, data_config, accelerator)
 
@@ -89,6 +92,14 @@ def train(cfg: Mapping[str, Any]) -> Path:
     accelerator.wait_for_everyone()
     loop.monitor.close()
     return run_dir
+
+
+def _refuse_compile_under_zero3(tcfg: Mapping, accelerator: Accelerator) -> None:
+    """torch.compile traces ZeRO-3's partitioned (empty) parameters and fails deep inside Dynamo: say so first."""
+    plugin = accelerator.state.deepspeed_plugin
+    if tcfg["compile"] and plugin is not None and int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+        raise ValueError("train.compile=true is not supported under DeepSpeed ZeRO-3 (partitioned parameters); "
+                         "use ZeRO-2 or DDP, or train.compile=false")
 
 
 def _refuse_sample_mixing(tcfg: Mapping) -> None:
