@@ -237,29 +237,6 @@ def test_garbage_image_is_an_invalid_row_and_a_skip(digits_root, tmp_path):
     assert bad_key not in {k for b in batches for k in b["key"]}
 
 
-def test_persistent_loader_yields_what_fresh_loaders_yield(members):
-    """One persistent loader (worker processes kept across epochs; set_epoch reaches them through shared
-    memory) yields, epoch after epoch, on a resumed epoch (start_batch) and after an abandoned one, exactly
-    the batches, images included, of a fresh loader per epoch."""
-    stream = ShardedSplitStream(members, ToTensor(), SHAPE, 16, workers=2, seed=1)
-    loader = make_loader(stream, persistent=True)
-
-    def check(epoch: int, start: int = 0) -> None:
-        stream.set_epoch(epoch, start)
-        got = [b for b in loader]  # not list(): its len() hint would read a length from the previous epoch
-        expected = run_stream(members, epoch=epoch, start_batch=start, workers=2, seed=1)
-        assert [b["index"].tolist() for b in got] == [b["index"].tolist() for b in expected], (epoch, start)
-        assert all(torch.equal(g["image"], e["image"]) for g, e in zip(got, expected))
-
-    check(0)
-    check(1)
-    check(2, start=5)
-    stream.set_epoch(9)  # abandoned after two batches
-    batches = iter(loader)
-    next(batches), next(batches)
-    check(3)
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_endless_loader_yields_epoch_after_epoch(members, workers):
     """make_loader(endless=True): one iterator yields the set_epoch epoch from its start_batch (a resume),

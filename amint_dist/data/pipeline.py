@@ -122,22 +122,12 @@ class ShardedSplitStream(IterableDataset):
         self.readers = max(1, workers)  # readers per rank
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.num_classes = num_classes
-        # (epoch, start_batch) in shared memory: the worker processes of a persistent loader (make_loader)
-        # read what set_epoch wrote when their next epoch starts, without being forked again
-        self._position = torch.zeros(2, dtype=torch.long).share_memory_()
+        self.epoch, self.start_batch = 0, 0  # set_epoch's; worker processes get them when a loader starts them
         self.endless = False  # True (make_loader(endless=True)): after the selected epoch, the next ones, unasked
-
-    @property
-    def epoch(self) -> int:
-        return int(self._position[0])
-
-    @property
-    def start_batch(self) -> int:
-        return int(self._position[1])
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch; ``start_batch`` batches of it (already consumed on this rank) are skipped."""
-        self._position[0], self._position[1] = epoch, start_batch
+        self.epoch, self.start_batch = epoch, start_batch
 
     def batches_per_reader(self, epoch: int | None = None) -> int:
         """Batches every reader yields this epoch: enough for the fullest reader of any rank."""
@@ -342,18 +332,15 @@ class _Loader(DataLoader):
         return map(_from_wire, batches) if self.num_workers else batches
 
 
-def make_loader(stream: ShardedSplitStream, pin_memory: bool = False, persistent: bool = False,
-                endless: bool = False) -> DataLoader:
-    """A DataLoader over an already-sharded stream (never pass it through ``accelerator.prepare``).
-
-    ``persistent``: keep the worker processes between epochs; call ``stream.set_epoch`` and then ``iter`` the
-    same loader again for each epoch (the workers read the new epoch from shared memory). Saves forking
-    and starting the workers every epoch (~0.1 s per loader epoch on 2 cores, docs/performance.md).
+def make_loader(stream: ShardedSplitStream, pin_memory: bool = False, endless: bool = False) -> DataLoader:
+    """A DataLoader over an already-sharded stream (never pass it through ``accelerator.prepare``); call
+    ``stream.set_epoch`` before ``iter``.
 
     ``endless`` (sets ``stream.endless``): one iterator yields the epoch chosen by ``set_epoch`` (from its
     ``start_batch``), then the next epochs whole, the same batches as a fresh loader per epoch. The workers
     read ahead across epoch ends, so the next epoch's first batches (shard opening, shuffle-buffer fill) are
-    ready when the consumer gets there. The consumer counts epochs: ``batches_per_reader(e) * readers`` each.
+    ready when the consumer gets there, and no worker is started twice (training's way, docs/performance.md).
+    The consumer counts epochs: ``batches_per_reader(e) * readers`` each.
     """
     stream.endless = endless
     return _Loader(
@@ -363,5 +350,5 @@ def make_loader(stream: ShardedSplitStream, pin_memory: bool = False, persistent
         collate_fn=_to_wire if stream.workers else None,
         pin_memory=pin_memory,
         prefetch_factor=4 if stream.workers else None,
-        persistent_workers=(persistent or endless) and stream.workers > 0,
+        persistent_workers=endless and stream.workers > 0,
     )

@@ -97,7 +97,8 @@ def train(cfg: Mapping[str, Any]) -> Path:
 def _refuse_compile_under_zero3(tcfg: Mapping, accelerator: Accelerator) -> None:
     """torch.compile traces ZeRO-3's partitioned (empty) parameters and fails deep inside Dynamo: say so first."""
     plugin = accelerator.state.deepspeed_plugin
-    if tcfg["compile"] and plugin is not None and int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3:
+    stage = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if plugin is not None else 0
+    if tcfg["compile"] and stage == 3:
         raise ValueError("train.compile=true is not supported under DeepSpeed ZeRO-3 (partitioned parameters); "
                          "use ZeRO-2 or DDP, or train.compile=false")
 
