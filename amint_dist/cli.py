@@ -12,7 +12,6 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-from tqdm import tqdm
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, MissingMandatoryValue)
 
@@ -34,8 +33,6 @@ def one_line_errors(main: Callable[[DictConfig], Any]) -> Callable[[DictConfig],
             if isinstance(e, MissingMandatoryValue):  # omegaconf's message spans several lines
                 message = f"missing mandatory value {e.full_key}: pass {e.full_key}=..."
             logging.getLogger("amint_dist").debug("user error", exc_info=True)
-            for bar in list(getattr(tqdm, "_instances", ())):  # end a progress bar's line: the error gets its own
-                bar.close()
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
 

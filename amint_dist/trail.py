@@ -242,7 +242,7 @@ def verify_run(run_dir: Path, splits_sha256: str, key: bytes | None, weights_sha
         problems.append("the trail has no final entry (the run did not finish, or its end was cut off)")
     else:
         problems += _final_problems(run_dir, chain, final, weights_sha256)
-        checked += ["ledger.npz digest", "model.safetensors sha256"]
+        checked += ["ledger.npz digest", "model.safetensors sha256", "model_config.json sha256"]
     status = "broken" if problems or chain.signature == "broken" else "verified"
     return {"status": status, "signature": chain.signature, "entries": len(chain.entries), "problems": problems,
             "checked": checked, "unrecorded_checkpoints": unrecorded}
@@ -257,6 +257,9 @@ def _final_problems(run_dir: Path, chain: Chain, final: dict, weights_sha256: st
         problems.append("ledger.npz does not match the trail's final entry (exposure counts changed)")
     if (weights_sha256 or (sha256_file(weights) if weights.is_file() else None)) != final.get("weights_sha256"):
         problems.append("model.safetensors does not match the weights sha256 in the trail's final entry")
+    config = run_dir / "model_config.json"  # the model and MINT settings the audit rebuilds the model from
+    if (sha256_file(config) if config.is_file() else None) != final.get("model_config_sha256"):
+        problems.append("model_config.json does not match the trail's final entry (model or MINT settings changed)")
     source = chain.last("checkpoint", checkpoint=final.get("checkpoint"))
     if source is None or source.get("ledger_sha256") != final.get("ledger_sha256"):
         problems.append(f"the final ledger does not chain to checkpoint {final.get('checkpoint')}'s ledger digest")

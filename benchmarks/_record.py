@@ -140,9 +140,8 @@ def alternate(sides: Mapping[str, Callable[[], int]], rounds: int) -> dict[str, 
     return out
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (MB)."""
-    import resource
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kb / 1024, 1)
+def verdict(result: Mapping[str, Any], base: str, side: str, minimum: float, name: str) -> dict[str, Any]:
+    """A target on ``alternate``'s ratio of ``side`` to ``base``: ``ratio_<name>``, ``cpu_ratio_<name>``, target, met."""
+    ratio = result[f"paired_ratio_to_{base}"][side]
+    return {f"ratio_{name}": ratio, f"cpu_ratio_{name}": result[f"cpu_ratio_to_{base}"][side],
+            "target": f">= {minimum:.2f}", "met": ratio >= minimum}

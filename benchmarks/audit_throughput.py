@@ -20,7 +20,7 @@ import copy
 import torch
 from torch.utils.data import IterableDataset
 
-from _record import alternate, record, set_threads
+from _record import alternate, record, set_threads, verdict
 from amint_dist.audit.scoring import StackedHeads, score_split
 from amint_dist.data.pipeline import make_loader
 from amint_dist.models import AuditableModel, build_auditable_model
@@ -90,7 +90,6 @@ def bench_model(name: str, args) -> dict:
     for side in sides.values():
         side()
     result = alternate(sides, args.rounds)
-    ratio = result["paired_ratio_to_forward_only"]["scoring"]
     return {
         "model": name,
         "timm_name": cfg["model"]["name"],
@@ -102,10 +101,7 @@ def bench_model(name: str, args) -> dict:
         "device": str(device),
         "bf16": args.bf16,
         **result,
-        "ratio_scoring_over_forward_only": ratio,
-        "cpu_ratio_scoring_over_forward_only": result["cpu_ratio_to_forward_only"]["scoring"],
-        "target": ">= 0.90",
-        "met": ratio >= 0.90,
+        **verdict(result, "forward_only", "scoring", 0.90, "scoring_over_forward_only"),
     }
 
 

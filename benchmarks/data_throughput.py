@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from _record import REPO, alternate, record, set_threads
+from _record import REPO, alternate, record, set_threads, verdict
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, epoch_shard_order, make_loader
 from amint_dist.data.prepare import load_manifest, prepare_dataset
 from amint_dist.data.sources import IMAGE_EXTENSIONS
@@ -156,7 +156,6 @@ def bench_root(name: str, root: Path, args) -> dict:
     result = alternate(sides, args.rounds)
     for key in ("samples_per_cpu_s", "cpu_ratio_to_raw"):  # persistent workers' CPU time is not counted
         result[key] = {k: (v if k in ("raw", "reader_w0") else None) for k, v in result[key].items()}
-    ratio = result["paired_ratio_to_raw"]["reader_w0"]
     per_core = {k: round(v / max(1, int(k.split("_w")[1]) if "_w" in k else 1), 2)
                 for k, v in result["samples_per_s"].items()}
     return {
@@ -174,10 +173,7 @@ def bench_root(name: str, root: Path, args) -> dict:
         "epochs_per_block": reps,
         **result,
         "images_per_s_per_core": per_core,
-        "ratio_reader_over_raw_per_core": ratio,
-        "cpu_ratio_reader_over_raw": result["cpu_ratio_to_raw"]["reader_w0"],
-        "target": ">= 0.85",
-        "met": ratio >= 0.85,
+        **verdict(result, "raw", "reader_w0", 0.85, "reader_over_raw_per_core"),
     }
 
 

@@ -4,7 +4,6 @@ import io
 import json
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
+from train_helpers import free_port
 
 SHAPE = (3, 8, 8)
 
@@ -57,12 +57,6 @@ RANK_SCRIPT = textwrap.dedent("""
         json.dump(result, f)
     dist.destroy_process_group()
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def indices(batches) -> list[int]:

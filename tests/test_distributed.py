@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from amint_dist.cli import to_dict
 from amint_dist.dist import check_world, deepspeed_config
 from amint_dist.models import build_auditable_model
 from amint_dist.train.checkpoint import latest_checkpoint
-from train_helpers import ENV, REPO, run_train, train_command
+from train_helpers import ENV, REPO, assert_same_ledger, free_port, load_npz, run_train, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -92,12 +91,6 @@ def test_a_world_smaller_than_launched_is_refused(monkeypatch):
     check_world(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher(config: str, *extra: str, port: int | None = None) -> list[str]:
     """``accelerate launch --config_file configs/accelerate/CONFIG.yaml`` on a free port."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -129,11 +122,6 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 def train_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "train_state.json").read_text())
-
-
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
 
 
 def resumed_run(engine: str, tmp_path_factory, data_root: Path) -> Path:
@@ -182,6 +170,7 @@ def two_machines(tmp_path_factory, train_root) -> Path:
 
 def test_world_of_two_ranks_hold_identical_parameters(resumed):
     engine, run_dir = resumed
+    assert checkpoints(run_dir)
     for ckpt in checkpoints(run_dir):
         dist = json.loads((ckpt / "distributed.json").read_text())
         ranks = dist["ranks"]
@@ -207,10 +196,7 @@ def test_ranks_consume_disjoint_members_covering_the_epoch(resumed, train_root):
 
 def test_killed_run_resumes_to_the_uninterrupted_ledger(resumed, two_machines):
     _, run_dir = resumed
-    final, reference = load_npz(run_dir / "ledger.npz"), load_npz(two_machines / "ledger.npz")
-    assert set(final) == set(reference)
-    for split in reference:
-        np.testing.assert_array_equal(final[split], reference[split], err_msg=split)
+    final = assert_same_ledger(run_dir, two_machines)
     assert (final["members"] == EPOCHS).all()
     last = checkpoints(run_dir)[-1]
     summed = sum(load_npz(last / f"ledger-rank{r:05d}.npz")["members"] for r in (0, 1))

@@ -24,7 +24,7 @@ import safetensors.torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_distributed import launcher, start
-from train_helpers import REPO, run_train, train_command
+from train_helpers import REPO, assert_same_ledger, load_npz, run_train, train_command
 
 from amint_dist.audit.run import audit_config, run_audit
 from amint_dist.config_checks import ConfigError, check_dataset_fit
@@ -39,11 +39,6 @@ COMMON = (f"train.epochs={EPOCHS}", "optim.warmup_epochs=0.5", "optim.lr=3e-3", 
           "train.ckpt_every_steps=4", "train.keep_checkpoints=0")
 TIMING = {"data_wait_frac", "samples_per_s"}  # the only metrics a replay may change
 KEY = "auditor-secret"
-
-
-def load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -195,10 +190,7 @@ def test_kills_land_where_intended_and_resume_takes_the_last_complete_checkpoint
 @pytest.mark.slow
 def test_killed_run_ends_with_the_uninterrupted_ledger_weights_and_metrics(crashed, reference):
     run_dir, seen = crashed
-    final, expected = load_npz(run_dir / "ledger.npz"), load_npz(reference / "ledger.npz")
-    assert set(final) == set(expected)
-    for split in expected:
-        np.testing.assert_array_equal(final[split], expected[split], err_msg=split)
+    assert_same_ledger(run_dir, reference)
     ours, theirs = (safetensors.torch.load_file(d / "model.safetensors") for d in (run_dir, reference))
     for name in theirs:
         np.testing.assert_allclose(ours[name].numpy(), theirs[name].numpy(), rtol=1e-5, atol=1e-6, err_msg=name)
@@ -449,6 +441,8 @@ def edit_entry(entries: list[dict], i: int, rehash: bool = False, **fields) -> l
      "checkpoints/step-00000010: ledger digest"),
     (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes() + b" "),
      "model.safetensors does not match the weights sha256"),
+    (lambda d: (d / "model_config.json").write_text((d / "model_config.json").read_text().replace('"active"', '"passive"')),
+     "model_config.json does not match the trail's final entry"),
 ])
 def test_tampering_is_named(signed_copy, train_root, tamper, expected):
     tamper(signed_copy)

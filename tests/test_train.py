@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from train_helpers import REPO, TINY, run_train
+from train_helpers import REPO, TINY, assert_same_ledger, load_npz, run_train
 
 EPOCHS = 2
 COMMON = (f"train.epochs={EPOCHS}", "optim.warmup_epochs=0.5", "train.exposure_log=true")
@@ -35,11 +35,6 @@ def read_trace(run_dir: Path) -> list[tuple[int, str, int, str]]:
     return rows
 
 
-def load_ledger(run_dir: Path) -> dict[str, np.ndarray]:
-    with np.load(run_dir / "ledger.npz", allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-
-
 def test_run_dir_holds_every_artifact(traced_run):
     for name in ("config.yaml", "model.safetensors", "model_config.json", "ledger.npz", "metrics.jsonl"):
         assert (traced_run / name).is_file(), name
@@ -56,7 +51,7 @@ def test_run_dir_holds_every_artifact(traced_run):
 
 def test_ledger_equals_the_samples_the_loop_consumed(traced_run, train_root):
     trace = read_trace(traced_run)
-    ledger = load_ledger(traced_run)
+    ledger = load_npz(traced_run / "ledger.npz")
     for split, counts in ledger.items():
         keys = (train_root / split / "keys.txt").read_text().split()
         assert counts.shape == (len(keys),)
@@ -88,15 +83,13 @@ def test_tensorboard_events_read_back(traced_run):
 def test_interrupted_run_resumes_to_the_same_ledger(tmp_path, train_root, traced_run):
     run_dir = tmp_path / "resumed"
     run_train(run_dir, train_root, *COMMON, "train.max_steps=31")
-    first = load_ledger(run_dir)
+    first = load_npz(run_dir / "ledger.npz")
     n = len(first["members"])  # epoch 0: every member once (last batch padded), then 31 - ceil(n/32) full batches
     assert first["members"].sum() == n + (31 - math.ceil(n / 32)) * 32
     again = run_train(run_dir, train_root, *COMMON, check=False)
     assert again.returncode == 2 and "resume=latest" in again.stderr  # a second start needs resume
     run_train(run_dir, train_root, *COMMON, "resume=latest")
-    final, reference = load_ledger(run_dir), load_ledger(traced_run)
-    for split in reference:
-        np.testing.assert_array_equal(final[split], reference[split], err_msg=split)
+    assert_same_ledger(run_dir, traced_run)
     assert sorted(read_trace(run_dir)) == sorted(read_trace(traced_run))
 
 
@@ -106,7 +99,7 @@ def test_other_mint_modes_train(tmp_path, train_root, mode):
     run_train(run_dir, train_root, f"mint.mode={mode}", "train.max_steps=4")
     weights = safetensors.torch.load_file(run_dir / "model.safetensors")
     assert any(k.startswith("mint_head.") for k in weights) == (mode == "passive")
-    ledger = load_ledger(run_dir)
+    ledger = load_npz(run_dir / "ledger.npz")
     assert ledger["members"].sum() == 4 * 32
 
 
@@ -150,7 +143,7 @@ def train_cli_error(tmp_path: Path, data_root: Path, overrides: list[str], capsy
 @pytest.mark.parametrize("accum", [1, 3])
 def test_endless_loaders_with_workers_read_what_fresh_loaders_read_and_resume_exactly(tmp_path, train_root, accum):
     """data.workers=2: each split's loader is one endless iterator whose workers persist and read ahead across
-    epoch ends. Every step reads exactly the batches a fresh loader of its epoch yields (with grad_accum=3 an
+    epoch ends. Every step reads exactly the member and external batches a fresh loader of its epoch yields (with grad_accum=3 an
     epoch's last batches short of a whole group are skipped, as before), and a run stopped mid-epoch and
     resumed consumes the same samples in the same order."""
     import torch
@@ -195,5 +188,6 @@ def test_compiled_model_trains_checkpoints_and_resumes_like_eager(tmp_path, trai
     eager = safetensors.torch.load_file(traced_run / "model.safetensors")
     assert sorted(compiled) == sorted(eager)  # no "_orig_mod." prefixes: the audit loads it as it is
     flat = {run: torch.cat([w[k].flatten() for k in sorted(w)]) for run, w in (("compiled", compiled), ("eager", eager))}
-    # Adam turns kernel rounding into ~0.5% apart after 52 steps; 52 steps move these weights by far more than 2%
-    assert ((flat["compiled"] - flat["eager"]).norm() / flat["eager"].norm()).item() < 0.02
+    # Adam turns inductor's rounding into ~0.5% apart after 52 steps (not 0: the compiled kernels did run);
+    # 52 steps move these weights by far more than 2%
+    assert 0 < ((flat["compiled"] - flat["eager"]).norm() / flat["eager"].norm()).item() < 0.02

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -33,3 +36,25 @@ def run_train(run_dir: Path, data_root: Path, *overrides: str, check: bool = Tru
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (a ledger), read without pickles."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def assert_same_ledger(run_dir: Path, reference: Path) -> dict[str, np.ndarray]:
+    """``run_dir/ledger.npz`` holds exactly the splits and counts of ``reference/ledger.npz``; returns it."""
+    final, expected = load_npz(run_dir / "ledger.npz"), load_npz(reference / "ledger.npz")
+    assert set(final) == set(expected)
+    for split in expected:
+        np.testing.assert_array_equal(final[split], expected[split], err_msg=split)
+    return final
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (rendezvous, Slurm daemons)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

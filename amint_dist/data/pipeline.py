@@ -123,6 +123,7 @@ class ShardedSplitStream(IterableDataset):
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.num_classes = num_classes
         self.epoch, self.start_batch = 0, 0  # set_epoch's; worker processes get them when a loader starts them
+        self._batches_per_reader: dict[int, int] = {}  # epoch -> batches_per_reader
         self.endless = False  # True (make_loader(endless=True)): after the selected epoch, the next ones, unasked
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -130,14 +131,18 @@ class ShardedSplitStream(IterableDataset):
         self.epoch, self.start_batch = epoch, start_batch
 
     def batches_per_reader(self, epoch: int | None = None) -> int:
-        """Batches every reader yields this epoch: enough for the fullest reader of any rank."""
-        order = epoch_shard_order(len(self.shards.urls), self.seed, self.epoch if epoch is None else epoch)
-        fullest = max(
-            sum(self.shards.lengths[i] for i in reader_shards(order, r, self.world, w, self.readers))
-            for r in range(self.world)
-            for w in range(self.readers)
-        )
-        return math.ceil(fullest / self.batch_size)
+        """Batches every reader yields this epoch: enough for the fullest reader of any rank (computed once per
+        epoch: the training loop asks every micro-step)."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._batches_per_reader:
+            order = epoch_shard_order(len(self.shards.urls), self.seed, epoch)
+            fullest = max(
+                sum(self.shards.lengths[i] for i in reader_shards(order, r, self.world, w, self.readers))
+                for r in range(self.world)
+                for w in range(self.readers)
+            )
+            self._batches_per_reader[epoch] = math.ceil(fullest / self.batch_size)
+        return self._batches_per_reader[epoch]
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (the same on every rank)."""
@@ -165,12 +170,12 @@ class ShardedSplitStream(IterableDataset):
         reader = self.rank * self.readers + worker
         reader_seed = f"amint:{self.seed}:{epoch}:{reader}"
         order = epoch_shard_order(len(self.shards.urls), self.seed, epoch)
-        mine = reader_shards(order, self.rank, self.world, worker, self.readers)
+        mine = [self.shards.urls[i] for i in reader_shards(order, self.rank, self.world, worker, self.readers)]
         skips = SkipLog()
         stages = [
-            wds.SimpleShardList([self.shards.urls[i] for i in mine]),
+            wds.SimpleShardList(mine),
             wds.tarfile_to_samples(handler=skips.tar_error),
-            _count_per_shard(skips, self.shards, [self.shards.urls[i] for i in mine]),
+            _count_per_shard(skips, self.shards, mine),
         ]
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(reader_seed)))
@@ -245,9 +250,11 @@ def _count_per_shard(skips: SkipLog, shards: SplitShards, urls: list[str]):
     not deliver; the shard's path stands in for each when keys.txt is unreadable."""
 
     def shortfall(url: str, seen: set[str]) -> None:
+        if len(seen) >= len(shards.index_ranges[url]):
+            return  # complete: keys.txt is read only for a shard that came up short
         expected = shards.shard_keys(url)
         if expected is None:
-            n = shards.lengths[shards.urls.index(url)] - len(seen)
+            n = len(shards.index_ranges[url]) - len(seen)
             if n > 0:
                 skips.add(url, "truncated or unreadable shard", n)
             return
@@ -339,7 +346,8 @@ def make_loader(stream: ShardedSplitStream, pin_memory: bool = False, endless: b
     ``endless`` (sets ``stream.endless``): one iterator yields the epoch chosen by ``set_epoch`` (from its
     ``start_batch``), then the next epochs whole, the same batches as a fresh loader per epoch. The workers
     read ahead across epoch ends, so the next epoch's first batches (shard opening, shuffle-buffer fill) are
-    ready when the consumer gets there, and no worker is started twice (training's way, docs/performance.md).
+    ready when the consumer gets there, and no worker is started twice (its one iterator never ends: training's
+    way, docs/performance.md).
     The consumer counts epochs: ``batches_per_reader(e) * readers`` each.
     """
     stream.endless = endless
@@ -350,5 +358,4 @@ def make_loader(stream: ShardedSplitStream, pin_memory: bool = False, endless: b
         collate_fn=_to_wire if stream.workers else None,
         pin_memory=pin_memory,
         prefetch_factor=4 if stream.workers else None,
-        persistent_workers=endless and stream.workers > 0,
     )

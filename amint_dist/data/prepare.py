@@ -46,8 +46,6 @@ def prepare_dataset(cfg: Mapping[str, Any]) -> dict:
     fractions = validate_fractions(cfg["fractions"])
     seed, workers = int(cfg["seed"]), max(1, int(cfg.get("workers", 1)))
     maxcount, maxsize = int(cfg.get("shard_maxcount", 1000)), int(cfg.get("shard_maxsize", 1 << 30))
-    if maxcount < 1 or maxsize < 1:
-        raise ValueError(f"shard_maxcount and shard_maxsize must be positive, got {maxcount}, {maxsize}")
     source = make_source(cfg)
     started = time.time()
 

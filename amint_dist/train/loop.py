@@ -97,8 +97,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
 def _refuse_compile_under_zero3(tcfg: Mapping, accelerator: Accelerator) -> None:
     """torch.compile traces ZeRO-3's partitioned (empty) parameters and fails deep inside Dynamo: say so first."""
     plugin = accelerator.state.deepspeed_plugin
-    stage = int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if plugin is not None else 0
-    if tcfg["compile"] and stage == 3:
+    if tcfg["compile"] and plugin is not None and plugin.zero_stage == 3:
         raise ValueError("train.compile=true is not supported under DeepSpeed ZeRO-3 (partitioned parameters); "
                          "use ZeRO-2 or DDP, or train.compile=false")
 
@@ -206,9 +205,15 @@ class _Loop:
         return range(stream.batches_per_reader(epoch) * stream.readers // self.accum * self.accum)
 
     def run(self, run_dir: Path) -> None:
+        with tqdm(total=self.total_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
+                  desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
+            self._train_epochs(run_dir, bar)  # the bar ends its line even when training raises
+        self._checkpoint(run_dir)
+        if self.exposure_log:
+            self.exposure_log.close()
+
+    def _train_epochs(self, run_dir: Path, bar: tqdm) -> None:
         tcfg = self.cfg["train"]
-        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
-                   desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
         members = self.streams["members"]
         members.set_epoch(self.state.epoch, self.state.batch_in_epoch)  # then epoch after epoch, read ahead
         batches = iter(make_loader(members, pin_memory=torch.cuda.is_available(), endless=True))
@@ -232,10 +237,6 @@ class _Loop:
                 for _ in range(whole - len(self._members_epoch(self.state.epoch))):
                     next(batches)  # the epoch's last batches, short of a whole grad_accum group: not trained on
                 self._end_epoch(run_dir)
-        bar.close()
-        self._checkpoint(run_dir)
-        if self.exposure_log:
-            self.exposure_log.close()
 
     def _done(self) -> bool:
         return self.state.step >= self.total_steps
