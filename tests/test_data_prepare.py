@@ -145,7 +145,7 @@ def test_cli_prepares_digits_and_refuses_an_existing_root(tmp_path):
     again = run_cli(f"data.root={root}", "data.overwrite=true", "data.seed=5", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert load_manifest(root)["seed"] == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]  # no .partial/.old left, no hydra outputs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]  # nothing hidden left behind, no hydra outputs
 
 
 def test_prepare_never_deletes_a_directory_that_is_not_a_dataset(tmp_path):
@@ -160,6 +160,36 @@ def test_prepare_never_deletes_a_directory_that_is_not_a_dataset(tmp_path):
     assert (precious / "thesis.tex").read_text() == "years of work"
     (tmp_path / "empty").mkdir()
     assert prepare_dataset(prep_cfg("digits", tmp_path / "empty", shard_maxcount=500))["total"] == 1797
+
+
+def test_prepare_leaves_sibling_folders_alone(tmp_path):
+    """User folders named like the old tooling's staging (`X.partial-<pid>`) and set-aside (`X.old`) folders
+    survive a prepare and an overwrite; no hidden leftovers; the root gets a plain directory's mode."""
+    root = tmp_path / "X"
+    siblings = [tmp_path / "X.old", tmp_path / f"X.partial-{os.getpid()}"]
+    for folder in siblings:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("mine")
+    prepare_dataset(prep_cfg("digits", root, shard_maxcount=500))
+    prepare_dataset(prep_cfg("digits", root, shard_maxcount=500, seed=3, overwrite=True))
+    assert load_manifest(root)["seed"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["X", "X.old", f"X.partial-{os.getpid()}"]
+    assert all((folder / "keep.txt").read_text() == "mine" for folder in siblings)
+    (tmp_path / "plain").mkdir()
+    assert root.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
+def test_a_failure_while_staging_removes_only_the_staging_folder(tmp_path):
+    """An error once the staging folder holds files (a full disk, say) removes that folder; the root stays."""
+    from amint_dist.data.prepare import _staged
+
+    (tmp_path / "X").mkdir()
+    (tmp_path / "X/splits.json").write_text("old")
+    with pytest.raises(OSError, match="disk full"), _staged(tmp_path / "X") as staging:
+        (staging / "members").mkdir()
+        (staging / "members/shard-000000.tar").write_bytes(b"half")
+        raise OSError("disk full")
+    assert sorted(os.listdir(tmp_path)) == ["X"] and (tmp_path / "X/splits.json").read_text() == "old"
 
 
 def test_imagefolder_round_trip(tmp_path):
@@ -272,7 +302,7 @@ def test_bad_sources_fail_with_one_clear_line(tmp_path):
     empty = tmp_path / "empty_classes"
     (empty / "a").mkdir(parents=True)
     one_line_error(ValueError, prep_cfg("imagefolder", tmp_path / "r", source=str(empty)), "no usable samples")
-    assert not (tmp_path / "r").exists() and not list(tmp_path.glob("r.partial*"))
+    assert sorted(os.listdir(tmp_path)) == ["empty_classes", "src"]  # no root, no hidden staging folder
 
 
 def test_duplicate_keys_are_refused(tmp_path):

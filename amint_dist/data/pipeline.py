@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -27,13 +26,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import webdataset as wds
-import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from amint_dist.data.sources import IMAGE_EXTENSIONS
+from amint_dist.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageRefused, decode_image
 from amint_dist.io import read_json
 
 log = logging.getLogger(__name__)
@@ -106,8 +105,10 @@ class ShardedSplitStream(IterableDataset):
         shuffle: bool = True,
         shuffle_buffer: int = 1000,
         num_classes: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
-        """``num_classes``: labels outside [0, num_classes) are skipped ("label out of range")."""
+        """``num_classes``: labels outside [0, num_classes) are skipped ("label out of range"); ``max_pixels``
+        (``data.max_pixels``): larger images are skipped before decoding ("image too large")."""
         readers = world * max(1, workers)
         if len(shards.urls) < readers:
             raise ValueError(
@@ -121,7 +122,7 @@ class ShardedSplitStream(IterableDataset):
         self.workers = workers  # DataLoader worker processes; 0 reads in the main process
         self.readers = max(1, workers)  # readers per rank
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
-        self.num_classes = num_classes
+        self.num_classes, self.max_pixels = num_classes, max_pixels
         self.epoch, self.start_batch = 0, 0  # set_epoch's; worker processes get them when a loader starts them
         self._batches_per_reader: dict[int, int] = {}  # epoch -> batches_per_reader
         self.endless = False  # True (make_loader(endless=True)): after the selected epoch, the next ones, unasked
@@ -187,7 +188,8 @@ class ShardedSplitStream(IterableDataset):
                 skips.drain()  # reported when the batch was first delivered
                 continue
             with seeded_rng(f"{reader_seed}:{b}"):
-                rows = [decode_sample(s, self.transform, skips, self.num_classes, self.shards.index_ranges) for s in raw]
+                rows = [decode_sample(s, self.transform, skips, self.num_classes, self.shards.index_ranges,
+                                      self.max_pixels) for s in raw]
             yield self._collate(rows, skips)
 
     def _collate(self, rows: list[dict | None], skips: SkipLog) -> dict:
@@ -281,11 +283,12 @@ def _count_per_shard(skips: SkipLog, shards: SplitShards, urls: list[str]):
 
 
 def decode_sample(sample: dict, transform: Callable, skips: SkipLog, num_classes: int | None = None,
-                  index_ranges: dict[str, range] | None = None) -> dict | None:
+                  index_ranges: dict[str, range] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict | None:
     """Decode one raw WebDataset sample to a tensor row, or count it as skipped and return None.
 
     Nothing in a sample is trusted: a key outside the prepared charset (e.g. a path), a label outside
-    [0, num_classes) or an index outside its shard's range is a skip, not a crash or a wrong ledger entry.
+    [0, num_classes), an index outside its shard's range or an image of more than ``max_pixels`` is a skip,
+    not a crash, a wrong ledger entry or a huge allocation.
     """
     key = sample.get("__key__", "?")
     if not isinstance(key, str) or not SAFE_KEY.fullmatch(key):
@@ -308,10 +311,9 @@ def decode_sample(sample: dict, transform: Callable, skips: SkipLog, num_classes
         skips.add(key, "index outside its shard")
         return None
     try:
-        with Image.open(io.BytesIO(sample[ext])) as img:
-            rgb = img.convert("RGB")  # decodes fully
-    except Exception as e:  # PIL raises many types for bad image bytes
-        skips.add(key, f"undecodable image ({type(e).__name__})")
+        rgb = decode_image(sample[ext], max_pixels)
+    except ImageRefused as e:
+        skips.add(key, e.reason)
         return None
     return {"image": transform(rgb), "label": label, "index": index, "key": key}  # a transform bug is no data error
 

@@ -2,24 +2,28 @@
 
 Two parallel passes with constant image memory: (1) scan the source (list keys, labels, payload
 sizes; check that every image decodes), (2) write planned shards from the recorded locators.
-Everything is written into ``<root>.partial-<pid>`` and renamed into place only when complete.
+Everything is written into a hidden staging folder next to the root, created by this call
+(``.<root>.partial-<random>``), and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing as mp
-import os
+import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from amint_dist import __version__
 from amint_dist.config_checks import check_data_config
+from amint_dist.data.images import DEFAULT_MAX_PIXELS
 from amint_dist.data.shards import plan_shards, write_shard
 from amint_dist.data.sources import Record, Skip, make_source
 from amint_dist.data.splits import HASH_RULE, SPLITS, hash_unit, split_of, validate_fractions
@@ -28,7 +32,7 @@ from amint_dist.io import atomic_write_json, atomic_write_text, fsync_dir, sha25
 log = logging.getLogger(__name__)
 DATASET_FORMAT = "amint-dist-dataset/1"
 PREPARE_KEYS = {"kind", "root", "seed", "fractions", "workers", "shard_maxcount", "shard_maxsize",
-                "source", "image_field", "label_field", "num_classes", "classes", "overwrite"}
+                "source", "image_field", "label_field", "num_classes", "classes", "overwrite", "max_pixels"}
 
 READER_KEYS = {"transform", "augment", "shuffle_buffer", "max_skip_fraction"}  # used by training, not here
 
@@ -52,37 +56,29 @@ def prepare_dataset(cfg: Mapping[str, Any]) -> dict:
     records, skipped = _scan(source, workers)
     if not records:
         raise ValueError(f"no usable samples in source {source.describe()} ({len(skipped)} skipped)")
+    classes, empty_classes = _classes(source, records)
     by_split = _assign(records, seed, fractions)
-    staging = root.with_name(f"{root.name}.partial-{os.getpid()}")  # concurrent preparers never share one
-    shutil.rmtree(staging, ignore_errors=True)
-    jobs = {s: plan_shards(staging / s, s, by_split[s], maxcount, maxsize) for s in SPLITS}
-    for s in SPLITS:
-        (staging / s).mkdir(parents=True)
-    flat = [job for s in SPLITS for job in jobs[s]]
-    written = iter(_parallel(_write_job, flat, source, workers))
-    manifest_shards = {s: [next(written) for _ in jobs[s]] for s in SPLITS}
-
-    splits_meta = {s: _write_split_files(staging / s, s, by_split[s], manifest_shards[s]) for s in SPLITS}
-    classes = source.classes or [str(c) for c in range(1 + max((r.label for r in records), default=-1))]
-    manifest = {
-        "format": DATASET_FORMAT,
-        "tool_version": __version__,
-        "seed": seed,
-        "fractions": fractions,
-        "hash_rule": HASH_RULE,
-        "source": source.describe(),
-        "classes": classes,
-        "num_classes": len(classes),
-        "counts": {s: len(by_split[s]) for s in SPLITS},
-        "total": len(records),
-        "shard_maxcount": maxcount,
-        "shard_maxsize": maxsize,
-        "num_skipped": len(skipped),
-        "skipped": [asdict(s) for s in skipped],
-        "splits": splits_meta,
-    }
-    atomic_write_json(staging / "splits.json", manifest)
-    _swap_into_place(staging, root)
+    with _staged(root) as staging:
+        manifest = {
+            "format": DATASET_FORMAT,
+            "tool_version": __version__,
+            "seed": seed,
+            "fractions": fractions,
+            "hash_rule": HASH_RULE,
+            "source": source.describe(),
+            "classes": classes,
+            "num_classes": len(classes),
+            "empty_classes": empty_classes,
+            "max_pixels": int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS)),
+            "counts": {s: len(by_split[s]) for s in SPLITS},
+            "total": len(records),
+            "shard_maxcount": maxcount,
+            "shard_maxsize": maxsize,
+            "num_skipped": len(skipped),
+            "skipped": [asdict(s) for s in skipped],
+            "splits": _write_splits(staging, by_split, source, workers, maxcount, maxsize),
+        }
+        atomic_write_json(staging / "splits.json", manifest)
     log.info("prepared %s: %d samples %s, %d skipped, in %.1fs", root, len(records),
              manifest["counts"], len(skipped), time.time() - started)
     return manifest
@@ -121,6 +117,28 @@ def _scan(source, workers: int) -> tuple[list[Record], list[Skip]]:
     return records, skipped
 
 
+def _classes(source, records: list[Record]) -> tuple[list[str], list[str]]:
+    """Class names and those without a sample (logged); refuse inferred classes that are mostly empty (the
+    count is checked before any list of names is built)."""
+    labels = {r.label for r in records}
+    top = max(records, key=lambda r: (r.label, r.key))
+    names = range(top.label + 1) if source.classes is None else source.classes
+    n, missing = len(names), len(names) - len(labels)
+    unused = (str(names[c]) for c in range(n) if c not in labels)
+    inferred = source.inferred_classes(top)
+    if inferred and 2 * missing > n:
+        raise ValueError(f"{missing} of {n} classes have no sample ({_listing(unused, missing, 5)}): {inferred}")
+    empty = list(unused)
+    if empty:
+        log.warning("%d of %d classes have no sample: %s", missing, n, _listing(empty, missing, 20))
+    return [str(c) for c in names], empty
+
+
+def _listing(names: Iterable[str], count: int, most: int) -> str:
+    """The first ``most`` of ``count`` names, comma-separated ("..." when there are more)."""
+    return ", ".join(itertools.islice(names, most)) + (", ..." if count > most else "")
+
+
 def _assign(records: Iterable[Record], seed: int, fractions: Mapping[str, float]) -> dict[str, list[Record]]:
     """Split by key hash; inside a split order by (hash, key) so shards mix classes."""
     keyed: dict[str, list[tuple[float, str, Record]]] = {s: [] for s in SPLITS}
@@ -128,6 +146,18 @@ def _assign(records: Iterable[Record], seed: int, fractions: Mapping[str, float]
         u = hash_unit(seed, record.key)
         keyed[split_of(u, fractions)].append((u, record.key, record))
     return {s: [r for _, _, r in sorted(items, key=lambda t: t[:2])] for s, items in keyed.items()}
+
+
+def _write_splits(staging: Path, by_split: Mapping[str, list[Record]], source, workers: int, maxcount: int,
+                  maxsize: int) -> dict[str, dict]:
+    """Write every split's shards (in parallel), keys.txt and _info.json under ``staging``; their manifest parts."""
+    jobs = {s: plan_shards(staging / s, s, by_split[s], maxcount, maxsize) for s in SPLITS}
+    for s in SPLITS:
+        (staging / s).mkdir()
+    flat = [job for s in SPLITS for job in jobs[s]]
+    written = iter(_parallel(_write_job, flat, source, workers))
+    manifest_shards = {s: [next(written) for _ in jobs[s]] for s in SPLITS}
+    return {s: _write_split_files(staging / s, s, by_split[s], manifest_shards[s]) for s in SPLITS}
 
 
 def _write_split_files(split_dir: Path, split: str, records: list[Record], shards: list[dict]) -> dict:
@@ -148,15 +178,38 @@ def _write_split_files(split_dir: Path, split: str, records: list[Record], shard
     }
 
 
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """A new empty folder ``parent/<prefix><random>`` made by this call (mkdir fails rather than reuse one)."""
+    path = parent / f"{prefix}{secrets.token_hex(8)}"
+    path.mkdir()
+    return path
+
+
+@contextmanager
+def _staged(root: Path) -> Iterator[Path]:
+    """A new hidden staging folder next to ``root``, put in its place when the block completes, removed if it fails."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = _new_dir(root.parent, f".{root.name}.partial-")  # ours alone: concurrent preparers never share one
+    try:
+        yield staging
+        _swap_into_place(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def _swap_into_place(staging: Path, root: Path) -> None:
-    """Replace ``root`` with the complete ``staging`` tree; the old tree is removed only afterwards."""
-    old = root.with_name(root.name + ".old")
-    if root.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        root.rename(old)
+    """Replace ``root`` with the complete ``staging`` tree. An existing root is first moved into a folder made
+    for it (``.<root>.old-<random>/<root>``), removed only once the new root is in place."""
+    if not root.exists():
+        staging.rename(root)
+        fsync_dir(root.parent)
+        return
+    aside = _new_dir(root.parent, f".{root.name}.old-")
+    root.rename(aside / root.name)
     staging.rename(root)
     fsync_dir(root.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _init_worker(source) -> None:

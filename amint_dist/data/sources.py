@@ -20,9 +20,11 @@ import braceexpand
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "ppm", "tif", "tiff")
+from amint_dist.data.images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageRefused, decode_image, image_files,
+                                    normalise_ext)
+
+MAX_INFERRED_CLASSES = 1_000_000  # without data.num_classes, a larger label is refused
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -61,20 +63,13 @@ def sanitize_key(raw: str) -> str:
     return key
 
 
-def undecodable_reason(payload: bytes) -> str | None:
-    """Why ``payload`` is not a fully decodable image, or None when it decodes."""
+def image_skip(key: str, file: str, payload: bytes, max_pixels: int) -> Skip | None:
+    """A Skip when ``payload`` is too large or does not decode (as the reader would decode it), else None."""
     try:
-        with Image.open(io.BytesIO(payload)) as img:
-            img.load()
-    except Exception as e:  # PIL raises many types for bad data
-        message = _OBJECT_REPR.sub("<image bytes>", str(e)).replace("\n", " ")  # no memory addresses in splits.json
-        return f"undecodable image: {type(e).__name__}: {message}"
+        decode_image(payload, max_pixels)
+    except ImageRefused as e:
+        return Skip(key, file, str(e))
     return None
-
-
-def _normalise_ext(ext: str) -> str:
-    ext = ext.lower().lstrip(".")
-    return "jpg" if ext == "jpeg" else ext
 
 
 class DigitsSource:
@@ -88,6 +83,10 @@ class DigitsSource:
 
     def describe(self) -> dict:
         return {"kind": self.kind, "origin": "sklearn.datasets.load_digits"}
+
+    def inferred_classes(self, top: Record) -> str | None:
+        """The ten digits are declared, never inferred (see WdsSource.inferred_classes)."""
+        return None
 
     def units(self) -> list[range]:
         n = len(_digits()[1])
@@ -118,49 +117,59 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 class ImageFolderSource:
-    """Class-per-folder images (ImageNet ``train/`` layout); class index = rank of the sorted folder name."""
+    """Class-per-folder images (ImageNet ``train/`` layout); class index = rank of the sorted folder name.
+
+    Symlinks are followed while they stay inside data.source; one leading out of it, or a folder link to
+    an enclosing folder (a loop), is a Skip.
+    """
 
     kind = "imagefolder"
     chunk = 512
 
     def __init__(self, cfg: Mapping[str, Any]):
         self.root = _existing_dir(cfg.get("source"), "imagefolder source")
+        self.max_pixels = int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.declared = bool(cfg.get("classes"))
         self.classes = list(cfg.get("classes") or folders)
         unknown = sorted(set(folders) - set(self.classes))
         if unknown:
             raise ValueError(f"unknown label: folder {self.root / unknown[0]} is not in data.classes")
         if not folders:
             raise ValueError(f"imagefolder source has no class folders: {self.root}")
-        stray = [p for p in self.root.iterdir() if p.is_file() and _normalise_ext(p.suffix) in IMAGE_EXTENSIONS]
+        stray = [p for p in self.root.iterdir() if p.is_file() and normalise_ext(p.suffix) in IMAGE_EXTENSIONS]
         if stray:
             raise ValueError(f"unknown label: image {stray[0]} is not inside a class folder")
         index = {c: i for i, c in enumerate(self.classes)}
-        self.files = [
-            (str(path), index[folder])
-            for folder in folders
-            for path in sorted((self.root / folder).rglob("*"))
-            if path.is_file() and _normalise_ext(path.suffix) in IMAGE_EXTENSIONS
-        ]
+        self.files = [(path, index[folder], refusal) for folder in folders
+                      for path, refusal in image_files(self.root / folder, self.root)]
 
     def describe(self) -> dict:
         return {"kind": self.kind, "source": str(self.root), "num_files": len(self.files)}
 
-    def units(self) -> list[list[tuple[str, int]]]:
+    def inferred_classes(self, top: Record) -> str | None:
+        """How the class list was inferred and how to declare it instead (None when data.classes declares it)."""
+        if self.declared:
+            return None
+        return f"inferred from the class folders of {self.root}; remove the empty ones or list data.classes"
+
+    def units(self) -> list[list[tuple[str, int, str | None]]]:
         return [self.files[i : i + self.chunk] for i in range(0, len(self.files), self.chunk)]
 
-    def scan(self, unit: Sequence[tuple[str, int]]) -> ScanResult:
+    def scan(self, unit: Sequence[tuple[str, int, str | None]]) -> ScanResult:
         out = ScanResult()
-        for path, label in unit:
+        for path, label, refusal in unit:
             rel = os.path.relpath(path, self.root)
             key = sanitize_key(os.path.splitext(rel)[0])
-            payload = self.read((path,))
-            reason = undecodable_reason(payload)
-            if reason:
-                out.skipped.append(Skip(key, path, reason))
+            if refusal:
+                out.skipped.append(Skip(key, path, refusal))
                 continue
-            ext = _normalise_ext(Path(path).suffix)
-            out.records.append(Record(key, label, ext, len(payload), (path,), rel))
+            payload = self.read((path,))
+            skip = image_skip(key, path, payload, self.max_pixels)
+            if skip:
+                out.skipped.append(skip)
+                continue
+            out.records.append(Record(key, label, normalise_ext(Path(path).suffix), len(payload), (path,), rel))
         return out
 
     def read(self, locator: tuple) -> bytes:
@@ -181,15 +190,23 @@ class WdsSource:
         missing = [u for u in self.urls if not os.path.isfile(u)]
         if missing:
             raise FileNotFoundError(f"wds source shard not found: {missing[0]} ({len(missing)} missing)")
-        self.image_fields = [_normalise_ext(e) for e in str(cfg.get("image_field", "jpg")).split(";")]
+        self.image_fields = [normalise_ext(e) for e in str(cfg.get("image_field", "jpg")).split(";")]
         self.label_field = str(cfg.get("label_field", "cls"))
         self.num_classes = cfg.get("num_classes")
         self.classes = [str(c) for c in range(self.num_classes)] if self.num_classes else None
+        self.max_pixels = int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.pattern = str(pattern)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "source": self.pattern, "num_shards": len(self.urls),
                 "image_field": ";".join(self.image_fields), "label_field": self.label_field}
+
+    def inferred_classes(self, top: Record) -> str | None:
+        """How the classes were inferred from ``top``, the sample of the largest label (None when declared)."""
+        if self.num_classes:
+            return None
+        return (f"inferred from label {top.label} of sample {top.source_key!r} in {top.locator[0]}; "
+                "set data.num_classes to declare them")
 
     def units(self) -> list[str]:
         return self.urls
@@ -209,9 +226,9 @@ class WdsSource:
                 label = self._parse_label(_read_member(f, label_member), raw_key, url)
                 ext, member = image
                 payload = _read_member(f, member)
-                reason = undecodable_reason(payload)
-                if reason:
-                    out.skipped.append(Skip(key, url, reason))
+                skip = image_skip(key, url, payload, self.max_pixels)
+                if skip:
+                    out.skipped.append(skip)
                     continue
                 out.records.append(Record(key, label, ext, member.size, (url, member.offset_data, member.size), raw_key))
         return out
@@ -221,8 +238,11 @@ class WdsSource:
             label = int(raw.decode("utf-8").strip())
         except (UnicodeDecodeError, ValueError):
             raise ValueError(f"unknown label: sample {key!r} in {url} has label {raw[:20]!r}") from None
-        if label < 0 or (self.num_classes and label >= self.num_classes):
-            raise ValueError(f"unknown label: sample {key!r} in {url} has label {label} outside [0, {self.num_classes})")
+        limit = self.num_classes or MAX_INFERRED_CLASSES
+        if not 0 <= label < limit:
+            inferring = "" if self.num_classes else " (more classes are never inferred: set data.num_classes)"
+            raise ValueError(f"unknown label: sample {key!r} in {url} has label {label} outside [0, {limit})"
+                             + inferring)
         return label
 
     def read(self, locator: tuple) -> bytes:
@@ -234,7 +254,7 @@ class WdsSource:
 
 def _ext_of(name: str) -> str:
     base = os.path.basename(name)
-    return _normalise_ext(base.split(".", 1)[1]) if "." in base else ""
+    return normalise_ext(base.split(".", 1)[1]) if "." in base else ""
 
 
 def _read_member(f, member: tarfile.TarInfo) -> bytes:
