@@ -114,7 +114,7 @@ DATA_RULES: dict[str, Check] = {
     "data.seed": integer(0), "data.fractions": _fractions, "data.workers": integer(0),
     "data.shard_maxcount": integer(1), "data.shard_maxsize": integer(1), "data.overwrite": boolean,
     "data.shuffle_buffer": integer(0), "data.max_skip_fraction": number(0, 1),
-    "data.num_classes": either(choice(None), integer(1)),
+    "data.num_classes": either(choice(None), integer(1)), "data.max_pixels": integer(1),
 }
 TRAIN_RULES: dict[str, Check] = {
     **DATA_RULES,

@@ -13,7 +13,8 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,28 @@ def shared_run_dir(accelerator: Accelerator, run_dir: str | None, root: str = "r
     if accelerator.num_processes > 1:
         broadcast_object_list(name, from_process=0)
     return Path(root) / name[0]
+
+
+@contextmanager
+def main_process_holds(state: Accelerator | PartialState,
+                       acquire: Callable[[], AbstractContextManager]) -> Iterator[None]:
+    """Rank 0 calls ``acquire()``, which takes something (the run dir's lock) and returns a context manager that
+    releases it after the block; other ranks hold nothing. Whatever ``acquire()`` raises is broadcast: every rank
+    raises it together, so none waits in a later collective."""
+    held, refusal = None, None
+    if state.is_main_process:
+        try:
+            held = acquire()
+        except Exception as e:  # whatever it is, the other ranks must learn of it
+            refusal = e
+    if state.num_processes > 1:
+        shared = [refusal]
+        broadcast_object_list(shared, from_process=0)
+        refusal = shared[0]
+    if refusal is not None:
+        raise refusal
+    with held or nullcontext():
+        yield
 
 
 def reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from _record import record, set_threads
-from amint_dist.train.ledger import ExposureLedger
+from amint_dist.records.ledger import ExposureLedger
 
 FRACTIONS = {"members": 0.40, "probe": 0.10, "external": 0.25, "heldout": 0.25}
 

@@ -112,7 +112,7 @@ def ledger_at_scale(root: Path, epochs: int, batch: int, tmp: Path) -> dict:
     import torch
 
     from amint_dist.data.prepare import load_manifest
-    from amint_dist.train.ledger import ExposureLedger
+    from amint_dist.records.ledger import ExposureLedger
 
     counts = {s: int(n) for s, n in load_manifest(root)["counts"].items()}
     ledger = ExposureLedger(counts)

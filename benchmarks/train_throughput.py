@@ -34,7 +34,7 @@ from amint_dist.models import build_auditable_model
 from amint_dist.models.auditable import create_backbone
 from amint_dist.tb import Monitor
 from amint_dist.train import loop as loop_module
-from amint_dist.train.ledger import ExposureLedger
+from amint_dist.records.ledger import ExposureLedger
 from amint_dist.train.loop import MODEL_MINT_KEYS
 from amint_dist.train.optim import make_optimizer
 from amint_dist.train.state import TrainState

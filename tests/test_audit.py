@@ -20,7 +20,7 @@ from amint_dist.audit.metrics import balanced_accuracy_at, choose_threshold
 from amint_dist.audit.protocols import build_protocol
 from amint_dist.audit.run import audit_config, run_audit
 from amint_dist.audit.verify import TamperedError
-from amint_dist.train.ledger import ExposureLedger
+from amint_dist.records.ledger import ExposureLedger
 from train_helpers import REPO, run_train
 
 METHODS = ["amint", "passive", "loss", "confidence", "entropy", "modified_entropy"]

@@ -11,6 +11,7 @@ with the same weights up to float rounding: a wrong gradient average, learning r
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,3 +264,22 @@ def test_compile_under_zero3_is_refused_before_any_work(tmp_path, train_root):
     assert proc.returncode != 0
     assert "error: train.compile=true is not supported under DeepSpeed ZeRO-3" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "compiled").exists()
+
+
+def test_a_planted_pickle_never_runs_under_any_engine(resumed, train_root, tmp_path):
+    """Each engine's own pickled state (Accelerate's optimizer.bin; DeepSpeed's model states, which DeepSpeed
+    loads with weights_only=False) replaced by a pickle with a side effect, its sha256 written into a re-chained
+    unsigned trail: resume refuses the file under the real 2-process engine and the side effect never happens."""
+    from test_integrity import plant, rehash_file
+
+    engine, source = resumed
+    run_dir = Path(shutil.copytree(source, tmp_path / "run"))
+    latest = latest_checkpoint(run_dir)
+    name = "optimizer.bin" if engine == "ddp" else \
+        sorted(p.relative_to(latest).as_posix() for p in latest.glob("pytorch_model/*model_states.pt"))[0]
+    marker = tmp_path / "unpickled"
+    plant(latest, name, marker, as_torch_file=True)
+    rehash_file(run_dir, latest, name)
+    proc = run_train(run_dir, train_root, *COMMON, "resume=latest", check=False, launcher=launcher(ENGINES[engine]))
+    assert proc.returncode != 0 and not marker.exists(), proc.stderr[-3000:]
+    assert f"{name} is not a weights-only pickle" in proc.stderr, proc.stderr[-3000:]

@@ -1,5 +1,5 @@
-"""Reliability and integrity: SIGKILL at several points of a 2-process run, bad data during training, bad
-configuration, the tamper-evident audit trail, safe loading, and a fuzzed reader.
+"""Reliability: SIGKILL at several points of a 2-process run, bad data during training, bad configuration,
+safe keys and a fuzzed reader (the audit trail against an attacker: tests/test_integrity.py).
 
 Every claim is read back from the files the runs wrote (docs/reliability.md maps each guarantee to its test).
 """
@@ -9,12 +9,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import re
 import shutil
 import signal
 import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,21 +24,22 @@ import safetensors.torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_distributed import launcher, start
+from test_train import read_trace
 from train_helpers import REPO, assert_same_ledger, load_npz, run_train, train_command
 
-from amint_dist.audit.run import audit_config, run_audit
 from amint_dist.config_checks import ConfigError, check_dataset_fit
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
 from amint_dist.data.sources import sanitize_key
 from amint_dist.io import sha256_file
-from amint_dist.trail import TRAIL_NAME, TrailError, entry_hash, verify_run
+from amint_dist.records.signing import Verifier
+from amint_dist.records.trail import TRAIL_NAME
+from amint_dist.records.verification import verify_run
 from amint_dist.train.checkpoint import latest_checkpoint
 
 EPOCHS = 2
 COMMON = (f"train.epochs={EPOCHS}", "optim.warmup_epochs=0.5", "optim.lr=3e-3", "mint.head.dropout=0",
-          "train.ckpt_every_steps=4", "train.keep_checkpoints=0")
+          "train.ckpt_every_steps=4", "train.keep_checkpoints=0", "train.exposure_log=true")
 TIMING = {"data_wait_frac", "samples_per_s"}  # the only metrics a replay may change
-KEY = "auditor-secret"
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -210,10 +211,21 @@ def test_killed_run_ends_with_the_uninterrupted_ledger_weights_and_metrics(crash
 
 
 @pytest.mark.slow
+def test_killed_run_exposure_trace_equals_its_ledger_and_the_uninterrupted_trace(crashed, reference):
+    """The trace is synced before every checkpoint: no step before the one resumed from is lost in a buffer."""
+    run_dir, _ = crashed
+    trace = read_trace(run_dir)
+    ledger = load_npz(run_dir / "ledger.npz")
+    assert Counter((split, index) for _, split, index, _ in trace) == {
+        (split, i): int(n) for split, counts in ledger.items() for i, n in enumerate(counts) if n}
+    assert trace == read_trace(reference)
+
+
+@pytest.mark.slow
 def test_killed_run_has_an_intact_audit_trail(crashed, train_root):
     run_dir, _ = crashed
-    integrity = verify_run(run_dir, sha256_file(train_root / "splits.json"), None)
-    assert integrity["status"] == "verified", integrity["problems"]
+    integrity = verify_run(run_dir, sha256_file(train_root / "splits.json"), Verifier())
+    assert (integrity["status"], integrity["problems"]) == ("unsigned", [])  # intact, but no key signed it
     kinds = [json.loads(x)["kind"] for x in (run_dir / TRAIL_NAME).read_text().splitlines()]
     assert kinds[0] == "start" and kinds.count("resume") == 3 and kinds[-1] == "final"
 
@@ -348,14 +360,49 @@ def metrics_exist(run_dir: Path) -> bool:
     ("data.workers=7", "data.workers=7"),  # the probe split has 6 shards
     ("train.grad_accum=100", "train.grad_accum=100"),
     ("train.foo=1", "foo"),  # Hydra struct mode: unknown key
+    ("+train.foo=1", "+train.foo=1: adds train.foo"),  # adding a key is refused too
+    ("++train.foo=1", "++train.foo=1: adds train.foo"),
+    ("+experiment=digits_vit", "+experiment=digits_vit: adds experiment"),  # every group is in the defaults list
+    ("hydra.run.dir=elsewhere", "hydra.run.dir=elsewhere: "),  # no effect without Hydra's job runner
+    ("hydra/job_logging=disabled", "hydra/job_logging=disabled: "),
     ("resume=/nonexistent", "resume='/nonexistent'"),
+    ("mint.head.channels=0", "mint.head"),  # builds, fails in a forward: found by the dry forward
+    ("model.kwargs.num_heads=5", "model.kwargs"),  # timm asserts embed_dim % num_heads == 0
+    ("+model.kwargs.foo=1", "model.kwargs"),  # an added timm argument is checked by building the model
 ])
 def test_bad_config_is_one_line_naming_the_key_before_any_work(tmp_path, train_root, capsys, override, key):
     from test_train import train_cli_error
 
-    error = train_cli_error(tmp_path, train_root, [override], capsys)
+    error = train_cli_error(tmp_path, train_root, ["train.max_steps=1", override], capsys)  # max_steps: fail fast
     assert key in error, error
     assert not (tmp_path / "bad").exists()  # nothing written: no run dir
+
+
+@pytest.mark.parametrize("config_name, override, added", [
+    ("audit", "+model.kwargs.depth=1", "model.kwargs.depth"),  # timm arguments only where there is a model
+    ("audit", "+data=wds", "data"),
+    ("audit", "hydra.run.dir=elsewhere", None),
+    ("prepare_data", "++data.foo=1", "data.foo"),
+    ("prepare_data", "hydra.verbose=true", None),
+])
+def test_audit_and_prepare_refuse_the_same_overrides(capsys, config_name, override, added):
+    from amint_dist.cli import run_cli
+
+    called = []
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(str(REPO / "configs"), config_name, called.append, argv=[override])
+    assert exit_info.value.code == 2 and not called
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {override}: "), lines
+    assert (f"adds {added}," if added else "no effect") in lines[0], lines
+
+
+def test_overrides_may_force_existing_keys_and_add_timm_arguments():
+    from amint_dist.cli import run_cli
+
+    cfg = run_cli(str(REPO / "configs"), "train", lambda cfg: cfg,
+                  argv=["++train.epochs=3", "+model.kwargs.drop_path_rate=0.1"])
+    assert cfg["train"]["epochs"] == 3 and cfg["model"]["kwargs"]["drop_path_rate"] == 0.1
 
 
 def test_ranks_times_workers_beyond_shards_is_refused(train_root):
@@ -379,171 +426,7 @@ def test_prepare_names_the_bad_key(tmp_path, capsys):
     assert not (tmp_path / "root").exists()
 
 
-# ---- 4. tamper evidence: the hash chain, its signatures, and what the audit says ----
-
-@pytest.fixture(scope="module")
-def signed_run(tmp_path_factory, train_root) -> Path:
-    """One epoch, a checkpoint every 10 steps, the chain signed with AMINT_AUDIT_KEY."""
-    run_dir = tmp_path_factory.mktemp("signed") / "run"
-    run_train(run_dir, train_root, "train.epochs=1", "train.ckpt_every_steps=10", "train.keep_checkpoints=0",
-              env={"AMINT_AUDIT_KEY": KEY})
-    return run_dir
-
-
-@pytest.fixture
-def signed_copy(signed_run, tmp_path) -> Path:
-    return Path(shutil.copytree(signed_run, tmp_path / "run"))
-
-
-def splits_digest(train_root: Path) -> str:
-    return sha256_file(train_root / "splits.json")
-
-
-def trail_lines(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / TRAIL_NAME).read_text().splitlines()]
-
-
-def write_trail(run_dir: Path, entries: list[dict]) -> None:
-    (run_dir / TRAIL_NAME).write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
-
-
-def test_intact_signed_trail_verifies(signed_run, train_root):
-    entries = trail_lines(signed_run)
-    assert [e["kind"] for e in entries] == ["start", "checkpoint", "checkpoint", "checkpoint", "final"]
-    assert all("hmac" in e for e in entries) and entries[-1]["checkpoint"] == entries[-2]["checkpoint"]
-    result = verify_run(signed_run, splits_digest(train_root), KEY.encode())
-    assert (result["status"], result["signature"], result["problems"]) == ("verified", "verified", [])
-    unsigned = verify_run(signed_run, splits_digest(train_root), None)
-    assert unsigned["signature"].startswith("not checked") and "AMINT_AUDIT_KEY" in unsigned["signature"]
-    with pytest.raises(TrailError, match="verifies none of the trail's 5 signatures"):
-        verify_run(signed_run, splits_digest(train_root), b"wrong key")
-
-
-def edit_entry(entries: list[dict], i: int, rehash: bool = False, **fields) -> list[dict]:
-    entries[i].update(fields)
-    if rehash:  # a forger without the key: recompute the hash and every link after it
-        for j in range(i, len(entries)):
-            if j > i:
-                entries[j]["prev"] = entries[j - 1]["hash"]
-            entries[j]["hash"] = entry_hash(entries[j])
-    return entries
-
-
-@pytest.mark.parametrize("tamper, expected", [
-    (lambda d: write_trail(d, edit_entry(trail_lines(d), 2, step=999)), "entry 3 (checkpoint step-00000020) was modified"),
-    (lambda d: write_trail(d, edit_entry(trail_lines(d), 2, rehash=True, step=999)), "signature does not verify"),
-    (lambda d: write_trail(d, trail_lines(d)[:1] + trail_lines(d)[2:]), "expected 1 (entries removed or reordered)"),
-    (lambda d: (d / TRAIL_NAME).write_text((d / TRAIL_NAME).read_text()[:-40]), "incomplete (a torn write)"),
-    (lambda d: np.savez(d / "ledger.npz", **{**load_npz(d / "ledger.npz"), "heldout": np.ones_like(
-        load_npz(d / "ledger.npz")["heldout"])}), "ledger.npz does not match the trail's final entry"),
-    (lambda d: np.savez(d / "checkpoints/step-00000010/ledger-rank00000.npz", **{
-        k: v * 0 for k, v in load_npz(d / "checkpoints/step-00000010/ledger-rank00000.npz").items()}),
-     "checkpoints/step-00000010: ledger digest"),
-    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes() + b" "),
-     "model.safetensors does not match the weights sha256"),
-    (lambda d: (d / "model_config.json").write_text((d / "model_config.json").read_text().replace('"active"', '"passive"')),
-     "model_config.json does not match the trail's final entry"),
-])
-def test_tampering_is_named(signed_copy, train_root, tamper, expected):
-    tamper(signed_copy)
-    result = verify_run(signed_copy, splits_digest(train_root), KEY.encode())
-    assert result["status"] == "broken" and any(expected in p for p in result["problems"]), result["problems"]
-
-
-def test_another_dataset_breaks_the_chain(signed_run):
-    result = verify_run(signed_run, "0" * 64, KEY.encode())
-    assert result["status"] == "broken" and "was written for splits.json sha256" in result["problems"][0]
-
-
-def test_audit_report_states_what_broke_and_refuses_a_wrong_key(signed_copy, monkeypatch):
-    ledger = load_npz(signed_copy / "ledger.npz")
-    ledger["members"][:5] += 1  # claim more exposure than training recorded
-    np.savez(signed_copy / "ledger.npz", **ledger)
-    cfg = audit_config(REPO / "configs", signed_copy)
-    cfg["audit"].update({"protocols": ["seen"], "workers": 0, "n_boot": 20, "passive": {**cfg["audit"]["passive"],
-                                                                                        "enabled": False}})
-    monkeypatch.setenv("AMINT_AUDIT_KEY", KEY)
-    report_md = run_audit(cfg)
-    report = json.loads(report_md.with_name("report.json").read_text())
-    assert report["integrity"]["status"] == "broken" and report["integrity"]["signature"] == "verified"
-    assert "ledger.npz does not match the trail's final entry" in report["integrity"]["problems"][0]
-    assert "Integrity: **BROKEN**" in report_md.read_text() and any("INTEGRITY BROKEN" in n for n in report["notes"])
-    monkeypatch.setenv("AMINT_AUDIT_KEY", "not the key")
-    with pytest.raises(TrailError, match="wrong key"):
-        run_audit(cfg)
-
-
-def test_kill_after_the_last_checkpoint_rewrites_the_same_final_artifacts(signed_run, train_root, tmp_path):
-    """As if killed while writing the final model (after the last checkpoint): the final files and trail entry
-    absent, a half-written temp file left; resume=latest writes them again, identical, and saves no checkpoint."""
-    run_dir = Path(shutil.copytree(signed_run, tmp_path / "run"))
-    for name in ("ledger.npz", "model.safetensors", "model_config.json"):
-        (run_dir / name).unlink()
-    (run_dir / ".model.safetensors.x1y2.tmp").write_bytes(b"half a model")
-    write_trail(run_dir, trail_lines(run_dir)[:-1])
-    run_train(run_dir, train_root, "train.epochs=1", "train.ckpt_every_steps=10", "train.keep_checkpoints=0",
-              "resume=latest", env={"AMINT_AUDIT_KEY": KEY})
-    for name in ("ledger.npz", "model.safetensors"):
-        assert (run_dir / name).read_bytes() == (signed_run / name).read_bytes(), name
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
-        sorted(p.name for p in (signed_run / "checkpoints").iterdir())
-    assert not list(run_dir.glob(".*.tmp"))
-    assert [e["kind"] for e in trail_lines(run_dir)][-2:] == ["resume", "final"]
-    assert verify_run(run_dir, splits_digest(train_root), KEY.encode())["status"] == "verified"
-
-
-# ---- 5. safe loading ----
-
-class Planted:
-    """A pickle that, if ever unpickled, leaves a marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
-@pytest.fixture
-def resumable(signed_run, tmp_path) -> Path:
-    """A copy of the signed run where ``train_cli_error`` trains (``<tmp>/bad``)."""
-    return Path(shutil.copytree(signed_run, tmp_path / "bad"))
-
-
-RESUME = ["train.epochs=2", "train.ckpt_every_steps=10", "train.keep_checkpoints=0", "resume=latest"]
-
-
-def test_resume_refuses_a_planted_pickle_before_loading_it(resumable, train_root, tmp_path, capsys, monkeypatch):
-    from test_train import train_cli_error
-
-    monkeypatch.setenv("AMINT_AUDIT_KEY", KEY)
-    marker = tmp_path / "unpickled"
-    latest = latest_checkpoint(resumable)
-    (latest / "random_states_0.pkl").write_bytes(pickle.dumps(Planted(marker)))
-    error = train_cli_error(tmp_path, train_root, RESUME, capsys)
-    assert error.startswith(f"error: refusing to resume from {latest.name}: ")
-    assert "random_states_0.pkl does not match its sha256 in the audit trail" in error and not marker.exists()
-
-
-def test_resume_refuses_unrecorded_files_and_a_missing_key(resumable, train_root, tmp_path, capsys, monkeypatch):
-    from test_train import train_cli_error
-
-    monkeypatch.delenv("AMINT_AUDIT_KEY", raising=False)
-    assert "is signed: set AMINT_AUDIT_KEY" in train_cli_error(tmp_path, train_root, RESUME, capsys)
-    monkeypatch.setenv("AMINT_AUDIT_KEY", KEY)
-    extra = latest_checkpoint(resumable) / "custom_checkpoint_0.pkl"
-    extra.write_bytes(pickle.dumps({"x": 1}))
-    assert f"{extra} is not recorded in the audit trail" in train_cli_error(tmp_path, train_root, RESUME, capsys)
-
-
-def test_no_unsafe_deserialisation_in_our_code():
-    """Weights through safetensors; every torch.load with weights_only=True; numpy never unpickles."""
-    for path in (REPO / "amint_dist").rglob("*.py"):
-        text = path.read_text()
-        assert "pickle.load" not in text and "allow_pickle=True" not in text, path
-        for call in re.findall(r"torch\.load\([^)]*\)", text):
-            assert "weights_only=True" in call, (path, call)
-
+# ---- 5. safe loading (the audit trail and resume against an attacker: tests/test_integrity.py) ----
 
 @pytest.mark.parametrize("raw", ["../../etc/passwd", "/abs/path/x", "a/../../b", "..", "a\\..\\b", "x\nsplit\tkey",
                                  "~/.ssh/id_rsa", "C:\\Windows\\evil"])

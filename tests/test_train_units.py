@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from amint_dist.train.ledger import ExposureLedger
+from amint_dist.records.ledger import ExposureLedger
 from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
 from amint_dist.train.schedule import lr_at
 

@@ -17,8 +17,10 @@ from amint_dist.audit import verify
 from amint_dist.data.prepare import load_manifest
 from amint_dist.io import read_json, sha256_file
 from amint_dist.models import AuditableModel, build_auditable_model
-from amint_dist.trail import audit_key, verify_run
-from amint_dist.train.ledger import ExposureLedger
+from amint_dist.records.signing import Verifier
+from amint_dist.records.trail import TrailError
+from amint_dist.records.verification import refusal, verify_run
+from amint_dist.records.ledger import ExposureLedger
 
 Gather = Callable[[list], list]  # every rank's list items, concatenated in rank order (accelerate's gather_object)
 
@@ -34,7 +36,7 @@ class AuditInputs:
     model_config: dict
     run_config: dict | None  # the run's config.yaml, None for a model trained elsewhere
     ledger: ExposureLedger | None  # None when the run dir has no ledger.npz
-    integrity: dict = field(default_factory=dict)  # the audit trail's verdict (amint_dist.trail.verify_run)
+    integrity: dict = field(default_factory=dict)  # the audit trail's verdict (records.verification.verify_run)
 
     @property
     def mint_mode(self) -> str:
@@ -60,11 +62,13 @@ def _required(path: Path, what: str) -> Path:
 
 
 def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0, world: int = 1,
-                gather: Gather = lambda items: items) -> AuditInputs:
+                gather: Gather = lambda items: items, verifier: Verifier | None = None) -> AuditInputs:
     """Read and verify the run dir and dataset root; every rank hashes its share of the dataset files.
 
-    ``data_root`` defaults to the root recorded in model_config.json, then to the run's config.yaml.
+    ``data_root`` defaults to the root recorded in model_config.json, then to the run's config.yaml. A
+    ``verifier`` holding a key refuses any trail that does not verify with it (absent, unsigned, broken).
     """
+    verifier = verifier or Verifier()
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run dir not found: {run_dir}")
@@ -82,7 +86,10 @@ def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0
     verify.verify_dataset_identity(root, splits_sha256, model_config)  # the cheap checks first
     weights_sha256 = sha256_file(weights)
     verify.verify_weights(weights, model_config, weights_sha256)
-    integrity = verify_run(run_dir, splits_sha256, audit_key(), weights_sha256)  # a wrong key refuses here
+    integrity = verify_run(run_dir, splits_sha256, verifier, weights_sha256)
+    refused = refusal(integrity, verifier)
+    if refused:
+        raise TrailError(f"refusing to audit {run_dir}: {refused}")
     if run_config is not None:
         verify.verify_model_config(run_config, model_config, config_path)
     files = verify.dataset_files(root, manifest)

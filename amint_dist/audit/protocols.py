@@ -19,7 +19,7 @@ import numpy as np
 
 from amint_dist.audit.scoring import Scored
 from amint_dist.data.splits import hash_unit
-from amint_dist.train.ledger import ExposureLedger
+from amint_dist.records.ledger import ExposureLedger
 
 NONMEMBER_SPLIT = "heldout"
 PROTOCOLS: dict[str, tuple[str, str]] = {  # name -> (member split, description)

@@ -7,8 +7,9 @@ null where undefined)::
     members_rule, ledger (bool), settings {...}, methods {name: description}, notes [...],
     task {accuracy, split: heldout, n, per_split {split: {value, ci95, n}}},  # Wilson 95% intervals
     scored {split: {n, skipped {reason: n}}}, passive_training [{epoch, loss, ...}],
-    integrity {status: verified | broken | absent, signature, entries, problems [...], checked [...],
-               unrecorded_checkpoints [...]},                 # the run's audit_trail.jsonl (amint_dist.trail)
+    integrity {status: verified | unsigned | not checked | broken | absent, signature, keys {ed25519, hmac},
+               declared, entries, problems [...], checked [...], unrecorded_checkpoints [...]},
+                                                               # the run's audit_trail.jsonl (amint_dist.records)
     protocols {seen|unseen|null: {description, member_split, nonmember_split,
         n_members, n_nonmembers, n_calibration_members, n_calibration_nonmembers,
         members_excluded_not_consumed, nonmembers_excluded_consumed, balancing_dropped {members, nonmembers},
@@ -141,24 +142,41 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def integrity_line(integrity: Mapping[str, Any]) -> str:
-    """report.md's verdict on the audit trail: verified, or exactly what broke."""
+    """report.md's verdict on the audit trail: verified (with the key's fingerprint), NOT established (and why),
+    or exactly what broke."""
+    status = integrity.get("status", "absent")
+    if status == "verified":
+        return (f"Integrity: **verified** (audit trail of {integrity['entries']} entries, every one signed and checked "
+                f"with {_keys_used(integrity.get('keys') or {})}; checked: {', '.join(integrity['checked'])}).")
+    if status == "broken":
+        return (f"Integrity: **BROKEN** (signature {integrity['signature']}): "
+                + "; ".join(integrity["problems"] or ["signature does not verify"]))
+    return f"Integrity: **NOT established** ({_not_established(integrity)})."
+
+
+def _keys_used(keys: Mapping[str, Any]) -> str:
+    used = [f"Ed25519 public key {keys['ed25519']}"] if keys.get("ed25519") else []
+    return " and ".join(used + (["the HMAC key ($AMINT_AUDIT_KEY)"] if keys.get("hmac") else []))
+
+
+def _not_established(integrity: Mapping[str, Any]) -> str:
     status = integrity.get("status", "absent")
     if status == "absent":
-        return "Integrity: **not verifiable**: " + integrity.get("note", "no audit trail")
-    signature = "unsigned" if integrity["signature"] == "unsigned" else f"signature {integrity['signature']}"
-    if status == "verified":
-        return (f"Integrity: **verified** (audit trail of {integrity['entries']} entries, {signature}; "
-                f"checked: {', '.join(integrity['checked'])}).")
-    return f"Integrity: **BROKEN** ({signature}): " + "; ".join(integrity["problems"] or ["signature does not verify"])
+        return integrity.get("note", "no audit trail")
+    if status == "unsigned":
+        return ("unsigned trail: its hash chain and the files match, which catches accidents and naive edits only; "
+                "anyone able to write the run dir could have rewritten both")
+    declared = ", ".join(f"{k} {v}" if isinstance(v, str) else k for k, v in (integrity.get("declared") or {}).items())
+    return f"the trail is signed ({declared}) but no key was given: pass audit.public_key=<the owner's public key>"
 
 
 def integrity_notes(integrity: Mapping[str, Any]) -> list[str]:
-    """Notes for report.json: a broken trail, an unchecked signature, checkpoints the trail never recorded."""
+    """Notes for report.json: a broken trail, integrity not established, checkpoints the trail never recorded."""
     notes = []
     if integrity.get("status") == "broken":
         notes.append("INTEGRITY BROKEN: " + "; ".join(integrity["problems"] or ["signature does not verify"]))
-    if str(integrity.get("signature", "")).startswith("not checked"):
-        notes.append(f"audit trail signature {integrity['signature']}")
+    elif integrity.get("status") != "verified":
+        notes.append(f"integrity NOT established: {_not_established(integrity)}")
     if integrity.get("unrecorded_checkpoints"):
         notes.append("checkpoints not in the audit trail (written by an interrupted attempt, never resumed from): "
                      + ", ".join(integrity["unrecorded_checkpoints"]))

@@ -25,10 +25,13 @@ from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluat
 from amint_dist.audit.scoring import StackedHeads, gather_split, score_split
 from amint_dist.cli import to_dict
 from amint_dist.config_checks import AUDIT_RULES, check_values
+from amint_dist.data.images import DEFAULT_MAX_PIXELS
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards
 from amint_dist.data.transforms import data_config_for, make_transform
-from amint_dist.dist import check_world, cpu_only, launched_world
+from amint_dist.dist import check_world, cpu_only, launched_world, main_process_holds
 from amint_dist.models import AuditableModel
+from amint_dist.records.signing import Verifier
+from amint_dist.run_dir import RunDirLock
 from amint_dist.tb import Monitor
 
 @dataclass
@@ -51,8 +54,10 @@ class _Reader:
     def stream(self, split: str, batch_size: int, shuffle: bool) -> ShardedSplitStream:
         shards = SplitShards.from_root(self.inputs.data_root, split)
         workers = min(self.workers, len(shards.urls) // self.world)  # small splits: fewer loader workers
+        max_pixels = int(self.inputs.manifest.get("max_pixels", DEFAULT_MAX_PIXELS))  # the limit it was prepared with
         return ShardedSplitStream(shards, self.transform, self.image_shape, batch_size, rank=self.rank,
-                                  world=self.world, workers=workers, seed=self.seed, shuffle=shuffle)
+                                  world=self.world, workers=workers, seed=self.seed, shuffle=shuffle,
+                                  max_pixels=max_pixels)
 
 
 def _protocols(names: list) -> list[str]:
@@ -88,8 +93,15 @@ def run_audit(cfg: Mapping[str, Any]) -> Path:
     check_values(cfg, AUDIT_RULES)
     requested = _protocols(acfg["protocols"])
     state = _process_state()
+    with main_process_holds(state, lambda: RunDirLock(Path(run_dir), "audit").acquire()):  # one writer per run dir
+        return _audit(cfg, run_dir, requested, state)
+
+
+def _audit(cfg: Mapping[str, Any], run_dir: str, requested: list[str], state: PartialState) -> Path:
+    """:func:`run_audit`, its run dir held by rank 0."""
+    acfg = cfg["audit"]
     inputs = load_inputs(run_dir, (cfg.get("data") or {}).get("root"), state.process_index, state.num_processes,
-                         gather_object)
+                         gather_object, Verifier.from_env(acfg.get("public_key")))
     model = inputs.build_model().to(state.device)
     reader = _Reader(inputs, model, state.process_index, state.num_processes, int(acfg["workers"]), int(acfg["seed"]))
     autocast = partial(torch.autocast, state.device.type, dtype=torch.bfloat16, enabled=acfg["precision"] == "bf16")

@@ -1,6 +1,7 @@
 """AuditableModel: a timm classifier and its MINT head as one module (one DeepSpeed engine)."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 import timm
 import torch
@@ -16,6 +17,7 @@ MODEL_KEYS = {"name", "num_classes", "in_chans", "img_size", "kwargs"}
 MINT_KEYS = {"mode", "taps", "head"}
 HEAD_KEYS = {"kind", "hidden", "channels", "dropout", "grid"}
 _SET_BY_US = {"pretrained", "num_classes", "in_chans", "img_size"}
+T = TypeVar("T")
 
 
 class AuditableModel(nn.Module):
@@ -48,11 +50,34 @@ class AuditableModel(nn.Module):
         """(task logits [B, num_classes], membership logit [B] or None when mode is off)."""
         if self.mint_head is None:
             return self.backbone(x), None
+        logits, taps = self._backbone_with_taps(x)
+        return logits, self.mint_head(taps)
+
+    def _backbone_with_taps(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         final, taps = self.backbone.forward_intermediates(x, indices=self.taps, **self._tap_kwargs)
         taps = [_join_prefix(t) for t in taps]
         if self.mode == "passive":
             taps = [t.detach() for t in taps]
-        return self.backbone.forward_head(final), self.mint_head(taps)
+        return self.backbone.forward_head(final), taps
+
+    def check_forward(self, input_size: Sequence[int]) -> None:
+        """One zero input of ``input_size`` (C, H, W) through the backbone, then the MINT head, in eval mode
+        without gradients (nothing changes: no BatchNorm statistics, no RNG): a config that builds but cannot
+        compute fails now, as one ValueError naming its group, before any work."""
+        x = torch.zeros(1, *input_size)
+        backbone_fails = f"the backbone fails on a {tuple(input_size)} input"
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                if self.mint_head is None:
+                    _config_error("model.*", backbone_fails, lambda: self.backbone(x))
+                else:
+                    _, taps = _config_error("model.*", backbone_fails, lambda: self._backbone_with_taps(x))
+                    _config_error("mint.head", "the MINT head fails on the backbone's taps",
+                                  lambda: self.mint_head(taps))
+        finally:
+            self.train(was_training)
 
     def memory_format(self, setting: bool | str, device: torch.device) -> torch.memory_format:
         """The memory format to train in: ``channels_last`` (NHWC) when ``setting`` is true, or ``"auto"`` on
@@ -81,6 +106,16 @@ def _join_prefix(tap: Tensor | tuple[Tensor, Tensor]) -> Tensor:
     return tap
 
 
+def _config_error(where: str, what: str, call: Callable[[], T]) -> T:
+    """``call()``; whatever it raises (timm's assertions, torch's shape errors) becomes one ValueError naming
+    the config keys ``where`` and the error's first line."""
+    try:
+        return call()
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{where}: {what}: {type(e).__name__}: {first}") from e
+
+
 def _checked(cfg: Mapping, where: str, allowed: set[str], required: set[str]) -> dict:
     """Plain dict of `cfg` (DictConfig or any Mapping) after checking its keys."""
     cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
@@ -103,10 +138,12 @@ def create_backbone(
     clash = sorted(_SET_BY_US & set(kwargs))
     if clash:
         raise ValueError(f"model.kwargs: {', '.join(clash)} not allowed here (set at model level or fixed)")
+    where = f"model.name={name!r}, model.kwargs={kwargs}"
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
     if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
         kwargs["img_size"] = img_size
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    return _config_error(where, "timm cannot build it", lambda: timm.create_model(
+        name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs))
 
 
 def build_auditable_model(model_cfg: Mapping, mint_cfg: Mapping) -> AuditableModel:
@@ -123,7 +160,7 @@ def build_auditable_model(model_cfg: Mapping, mint_cfg: Mapping) -> AuditableMod
     head_cfg = _checked(mint_cfg["head"], "mint.head", HEAD_KEYS, {"kind"})
     taps = resolve_taps(backbone, mint_cfg["taps"])
     in_chs = [backbone.feature_info[i]["num_chs"] for i in taps]
-    head = build_head(
-        head_cfg.pop("kind"), in_chs, num_prefix_tokens=getattr(backbone, "num_prefix_tokens", 0), **head_cfg
-    )
+    kind = head_cfg.pop("kind")
+    head = _config_error(f"mint.head={mint_cfg['head']}", "cannot be built", lambda: build_head(
+        kind, in_chs, num_prefix_tokens=getattr(backbone, "num_prefix_tokens", 0), **head_cfg))
     return AuditableModel(backbone, head, taps, mode)

@@ -4,12 +4,13 @@ A checkpoint is written into a hidden ``.step-N.partial`` directory, every file 
 the directory is renamed into place whole: a ``step-*`` directory is always complete, and a kill during the
 write leaves only the hidden partial, which resume ignores (and the next save at that step removes). Its
 files' sha256 go to the audit trail before ``latest`` names it; resume checks them before Accelerate or
-DeepSpeed unpickles anything (``amint_dist.trail``).
+DeepSpeed unpickles anything (``amint_dist.records``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -18,11 +19,14 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from amint_dist.dist import check_ranks_agree
 from amint_dist.io import atomic_write_json, atomic_write_text, fsync_dir, read_json
-from amint_dist.trail import (AuditTrail, TrailError, checkpoint_file_problems, checkpoint_ledger_digest,
-                              hash_files, relative_files)
-from amint_dist.train.ledger import ExposureLedger
+from amint_dist.records.pickles import unsafe_pickle_problems
+from amint_dist.records.trail import AuditTrail, TrailError
+from amint_dist.records.verification import (checkpoint_file_problems, checkpoint_ledger_digest, hash_files,
+                                             relative_files)
+from amint_dist.records.ledger import ExposureLedger
 from amint_dist.train.state import TrainState
 
+log = logging.getLogger(__name__)
 LATEST = "latest"
 PARTIAL = ".partial"
 
@@ -109,20 +113,26 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def verify_checkpoint(accelerator: Accelerator, path: Path, splits_sha256: str, key: bytes | None) -> None:
+def verify_checkpoint(accelerator: Accelerator, path: Path, trail: AuditTrail) -> None:
     """Refuse (on every rank together) a checkpoint whose files differ from its run's audit trail entry.
 
     Accelerate and DeepSpeed unpickle parts of a checkpoint (optimizer and RNG states, DeepSpeed's model
-    states): nothing there is loaded unless its sha256 matches the trail (signed when a key is set).
+    states): nothing there is loaded unless its sha256 matches the trail, whose every entry must carry a valid
+    signature of each key the run signs with (unsigned: the chain alone, a risk the docs state), and every
+    pickle in it opens with the weights-only unpickler (``records.pickles``).
     """
     problems: list[str] = []
+    if not trail.signer.verifier.holds_key and accelerator.is_main_process:
+        log.warning("resuming under an unsigned audit trail: %s is checked against the hash chain only, which "
+                    "anyone able to write the run dir could have rewritten (sign runs: docs/reliability.md)", path)
     try:
-        chain = AuditTrail(path.parent.parent, splits_sha256, key).verified()
+        chain = AuditTrail(path.parent.parent, trail.splits_sha256, trail.signer).verified()
         entry = chain.last("checkpoint", checkpoint=path.name)
         if entry is None:
             raise TrailError(f"{path} is not recorded in the audit trail: its files cannot be verified")
-        problems = checkpoint_file_problems(path, entry.get("files") or {}, accelerator.process_index,
-                                            accelerator.num_processes)
+        recorded, rank, world = entry.get("files") or {}, accelerator.process_index, accelerator.num_processes
+        problems = checkpoint_file_problems(path, recorded, rank, world)
+        problems = problems or unsafe_pickle_problems(path, sorted(recorded)[rank::world])
     except TrailError as e:
         problems = [str(e)]
     everyone = gather_object(problems) if accelerator.num_processes > 1 else problems
@@ -132,13 +142,13 @@ def verify_checkpoint(accelerator: Accelerator, path: Path, splits_sha256: str, 
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, ledger_sizes: dict[str, int],
-                    splits_sha256: str | None = None, key: bytes | None = None) -> tuple[TrainState, ExposureLedger]:
+                    trail: AuditTrail | None = None) -> tuple[TrainState, ExposureLedger]:
     """Restore model/optimizer/RNG state; each rank gets its own ledger back (rank 0 the sum if world changed).
 
-    With ``splits_sha256``, the checkpoint is verified against the audit trail first (``verify_checkpoint``).
+    With ``trail``, the checkpoint is verified against it first (``verify_checkpoint``).
     """
-    if splits_sha256 is not None:
-        verify_checkpoint(accelerator, path, splits_sha256, key)
+    if trail is not None:
+        verify_checkpoint(accelerator, path, trail)
     accelerator.load_state(str(path))
     state = TrainState.from_dict(json.loads((path / "train_state.json").read_text()))
     ledger = ExposureLedger(ledger_sizes)

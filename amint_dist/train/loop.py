@@ -6,6 +6,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,19 @@ from tqdm import tqdm
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
 from amint_dist.data.transforms import data_config_for, make_transform
 from amint_dist.config_checks import check_dataset_fit, check_train_config, read_batches
-from amint_dist.dist import make_accelerator, reduce_sum, shared_run_dir
-from amint_dist.io import atomic_write_text, complete_lines, sha256_file
+from amint_dist.dist import main_process_holds, make_accelerator, reduce_sum, shared_run_dir
+from amint_dist.io import atomic_write_text, sha256_file
 from amint_dist.models import build_auditable_model
+from amint_dist.run_dir import claim_run_dir
 from amint_dist.tb import Monitor
 from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.batches import CyclingBatches, combine, skipped_entries
-from amint_dist.trail import AuditTrail, audit_key
+from amint_dist.train.exposure_trace import ExposureTrace
+from amint_dist.records.signing import Signer
+from amint_dist.records.trail import AuditTrail
 from amint_dist.train.checkpoint import (clean_partials, latest_checkpoint, load_checkpoint, load_rank_state,
                                          save_checkpoint)
-from amint_dist.train.ledger import ExposureLedger
+from amint_dist.records.ledger import ExposureLedger
 from amint_dist.train.negatives import shifted_batch
 from amint_dist.train.optim import make_optimizer
 from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
@@ -41,7 +45,17 @@ MODEL_MINT_KEYS = ("mode", "taps", "head")
 
 
 def train(cfg: Mapping[str, Any]) -> Path:
-    """Train the audited model and its MINT head; return the run directory."""
+    """Train the audited model and its MINT head; return the run directory.
+
+    A config error (a value, the dataset's fit, a model that does not build or compute) is refused before the
+    run dir is touched; from then to the run's end rank 0 holds the run dir's lock (``amint_dist.run_dir``).
+    """
+    with ExitStack() as held:
+        return _train(cfg, held)
+
+
+def _train(cfg: Mapping[str, Any], held: ExitStack) -> Path:
+    """``train``, the run dir's lock going on ``held``."""
     tcfg, mcfg = cfg["train"], cfg["mint"]
     check_train_config(cfg)  # one line naming the key, before any process group, file or model
     _refuse_sample_mixing(tcfg)
@@ -53,19 +67,19 @@ def train(cfg: Mapping[str, Any]) -> Path:
     check_dataset_fit(cfg, manifest, accelerator.num_processes)
     model_cfg = {**cfg["model"], "num_classes": cfg["model"].get("num_classes") or manifest["num_classes"]}
     model = build_auditable_model(model_cfg, {k: mcfg[k] for k in MODEL_MINT_KEYS if k in mcfg})
+    data_config = data_config_for(model.backbone, int(model_cfg["img_size"]), cfg["data"].get("transform"))
+    model.check_forward(data_config["input_size"])  # a model that builds but cannot compute: one line, now
     memory_format = model.memory_format(tcfg["channels_last"], accelerator.device)
     model = model.to(memory_format=memory_format)  # before prepare: ZeRO-3 partitions what it is given
     if tcfg["compile"]:
         model.compile()  # in place (nn.Module.compile): parameter names, checkpoints and weights stay as they are
-    data_config = data_config_for(model.backbone, int(model_cfg["img_size"]), cfg["data"].get("transform"))
     streams = _make_streams(cfg, manifest, data_config, accelerator)
-
+    held.enter_context(main_process_holds(accelerator, lambda: claim_run_dir(run_dir, cfg.get("resume"))))
     optimizer = make_optimizer(model.param_groups(float(cfg["optim"]["weight_decay"])), cfg["optim"])
     model, optimizer = accelerator.prepare(model, optimizer)
     sizes = {s: int(n) for s, n in manifest["counts"].items()}
-    trail = AuditTrail(run_dir, sha256_file(Path(str(cfg["data"]["root"])) / "splits.json"), audit_key())
+    trail = AuditTrail(run_dir, sha256_file(Path(str(cfg["data"]["root"])) / "splits.json"), Signer.from_env())
     state, ledger, resumed = _start(cfg, accelerator, run_dir, sizes, trail)
-    accelerator.wait_for_everyone()  # every rank has checked the run dir before rank 0 writes config.yaml
     if accelerator.is_main_process:
         if not (run_dir / "config.yaml").exists():
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
@@ -75,7 +89,8 @@ def train(cfg: Mapping[str, Any]) -> Path:
             trail.append("resume", checkpoint=resumed.name, step=state.step, world_size=accelerator.num_processes)
     monitor = Monitor(run_dir, accelerator.is_main_process, resume_at=(state.step, state.epoch) if resumed else None)
     loop = _Loop(cfg, accelerator, model, optimizer, streams, state, ledger, monitor)
-    loop.exposure_log = _open_exposure_log(cfg, accelerator, run_dir, state.step)
+    if tcfg.get("exposure_log"):
+        loop.exposure_log = ExposureTrace(run_dir, accelerator.process_index, state.step)
     loop.skip_budget = SkipBudget.for_dataset(float(cfg["data"].get("max_skip_fraction", 0.01)), manifest)
     loop.trail = trail
     loop.memory_format = memory_format
@@ -120,14 +135,12 @@ def _start(cfg: Mapping, accelerator: Accelerator, run_dir: Path, sizes: dict[st
         if path is None:
             raise FileNotFoundError(f"resume={resume}: no checkpoint under {run_dir / 'checkpoints'}")
         accelerator.print(f"resuming from {path}")
-        state, ledger = load_checkpoint(accelerator, path, sizes, trail.splits_sha256, trail.key)
+        state, ledger = load_checkpoint(accelerator, path, sizes, trail)
         accelerator.wait_for_everyone()  # every rank has loaded before rank 0 clears what the killed run left
         if accelerator.is_main_process:
             for stale in clean_partials(run_dir):
                 log.info("removed %s (half written by an interrupted run)", stale)
         return state, ledger, path
-    if (run_dir / "config.yaml").exists():
-        raise FileExistsError(f"run dir {run_dir} already holds a run; pass resume=latest or another run.dir")
     return TrainState(world_size=accelerator.num_processes), ExposureLedger(sizes), None
 
 
@@ -149,7 +162,7 @@ def _make_streams(cfg: Mapping, manifest: Mapping, data_config: dict, accelerato
             SplitShards.from_root(dcfg["root"], split), transform, image_shape, n,
             rank=accelerator.process_index, world=accelerator.num_processes, workers=int(dcfg["workers"]),
             seed=int(tcfg["seed"]), shuffle=True, shuffle_buffer=int(dcfg["shuffle_buffer"]),
-            num_classes=int(manifest["num_classes"]),
+            num_classes=int(manifest["num_classes"]), max_pixels=int(dcfg["max_pixels"]),
         )
         for split, n in sizes.items()
         if n > 0 and counts[split] > 0
@@ -178,7 +191,7 @@ class _Loop:
         self.cycling = {s: CyclingBatches(st, *state.cursors.get(s, [0, 0])) for s, st in streams.items() if s != "members"}
         self.window, self.epoch_stats = StepStats(), StepStats()
         self.pending_skips: list[tuple[str, str]] = []  # this rank's skipped samples not yet merged
-        self.exposure_log = None
+        self.exposure_log: ExposureTrace | None = None  # train() opens it with train.exposure_log
         self.skip_budget = SkipBudget(1.0)  # train() sets data.max_skip_fraction's
         self.memory_format = torch.contiguous_format  # train() sets train.channels_last's
         self.trail: AuditTrail | None = None
@@ -274,8 +287,7 @@ class _Loop:
                 continue
             self.ledger.record(split, b["index"], b["valid"])
             if self.exposure_log:
-                self.exposure_log.write("".join(f"{self.state.step}\t{split}\t{i}\t{k}\n"
-                                                for i, k, v in zip(b["index"].tolist(), b["key"], b["valid"]) if v))
+                self.exposure_log.record(self.state.step, split, b)
         self.pending_skips.extend(skipped_entries(parts))
         for stats in (self.window, self.epoch_stats):
             stats.add(batch, logits.detach(), None if mint_logit is None else mint_logit.detach(), loss_parts,
@@ -341,6 +353,8 @@ class _Loop:
         if self._position() == self.saved_at:
             return  # this very position is saved already (a run that ended on a checkpoint step, or a no-op resume)
         self._merge_skips()
+        if self.exposure_log:
+            self.exposure_log.sync()  # first: every step a checkpoint covers is in the trace
         self.state.cursors = {s: c.cursor() for s, c in self.cycling.items()}
         rank_state = {"world_size": self.accelerator.num_processes, "window": self.window.sums_dict(),
                       "epoch": self.epoch_stats.sums_dict()}
@@ -348,18 +362,3 @@ class _Loop:
                                int(self.cfg["train"]["keep_checkpoints"]), model=self.model, trail=self.trail,
                                rank_state=rank_state)
         self.saved_at, self.last_checkpoint = self._position(), path.name
-
-
-def _open_exposure_log(cfg: Mapping, accelerator: Accelerator, run_dir: Path, resume_step: int):
-    """Optional per-rank trace of every consumed sample (step, split, index, key), for verification.
-
-    On resume, lines of steps after the checkpoint (replayed now) are dropped so the trace stays exact.
-    """
-    if not cfg["train"].get("exposure_log"):
-        return None
-    path = run_dir / "exposure_log" / f"rank-{accelerator.process_index:05d}.tsv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        kept = [line for line in complete_lines(path) if int(line.split("\t", 1)[0]) < resume_step]
-        atomic_write_text(path, "".join(kept))
-    return open(path, "a", buffering=1 << 16)
