@@ -4,16 +4,13 @@ an attacker: tests/test_integrity.py)."""
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from reliability_helpers import keys_of
+from reliability_helpers import keys_of, png, write_split
 
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
 from amint_dist.data.sources import sanitize_key
@@ -24,32 +21,6 @@ from amint_dist.data.sources import sanitize_key
 def test_sanitized_keys_cannot_name_a_path(raw):
     key = sanitize_key(raw)
     assert re.fullmatch(r"[A-Za-z0-9_-]+", key) and ".." not in key and "/" not in key
-
-
-def write_split(root: Path, split: str, shards: list[list[tuple[str, bytes]]], keys: list[str]) -> SplitShards:
-    """A split dir of raw tar shards (each a list of (member name, bytes)) with its _info.json and keys.txt."""
-    d = root / split
-    d.mkdir(parents=True)
-    names = []
-    for i, members in enumerate(shards):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        names.append(f"shard-{i:06d}.tar")
-        (d / names[-1]).write_bytes(buf.getvalue())
-    lengths = [len({re.match(r"((?:.*/|)[^.]+)\.", n).group(1) for n, _ in s}) for s in shards]
-    (d / "_info.json").write_text(json.dumps({"filenames": names, "shard_lengths": lengths}))
-    (d / "keys.txt").write_text("".join(k + "\n" for k in keys))
-    return SplitShards.from_root(root, split)
-
-
-def png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8), "L").save(buf, "PNG")
-    return buf.getvalue()
 
 
 def to_tensor(img):

@@ -1,16 +1,27 @@
-"""Loss, schedule and ledger building blocks of the training loop."""
+"""Building blocks of the training loop, each against an expectation computed here: losses, schedule, ledger,
+cycling batches and their cursor, step inputs, shifted negatives, the skip budget, running statistics, batch
+sizing."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from reliability_helpers import png, write_split
 
+from amint_dist.config_checks import ConfigError, check_dataset_fit, read_batches
+from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
 from amint_dist.records.ledger import ExposureLedger
+from amint_dist.train.batches import CyclingBatches, combine, skipped_entries
 from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
+from amint_dist.train.negatives import shifted_batch
 from amint_dist.train.schedule import lr_at
+from amint_dist.train.skips import SkipBudget, SkipBudgetExceeded
+from amint_dist.train.stats import FIELDS, StepStats
 
 
 def test_task_loss_ignores_masked_rows():
@@ -56,3 +67,328 @@ def test_ledger_counts_valid_rows_and_round_trips(tmp_path):
     np.testing.assert_array_equal(back.counts["members"], ledger.counts["members"])
     with pytest.raises(ValueError, match="members"):
         ExposureLedger.load(tmp_path / "l.npz", {"members": 6, "external": 3})
+
+
+# ---- CyclingBatches: endless batches with a resumable (epoch, position) cursor ----
+
+SHARD_LENGTHS = (5, 3, 4)  # 12 samples; batches of 4
+
+
+def to_tensor(img) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def tiny_split(root: Path) -> SplitShards:
+    """A members split of real PNG samples, index i in shard order, label i % 10."""
+    shards, keys, i = [], [], 0
+    for n in SHARD_LENGTHS:
+        members = []
+        for _ in range(n):
+            keys.append(f"s_{i:03d}")
+            members += [(f"{keys[-1]}.png", png(i)), (f"{keys[-1]}.cls", str(i % 10).encode()),
+                        (f"{keys[-1]}.json", json.dumps({"index": i}).encode())]
+            i += 1
+        shards.append(members)
+    return write_split(root, "members", shards, keys)
+
+
+def new_stream(shards: SplitShards, workers: int) -> ShardedSplitStream:
+    return ShardedSplitStream(shards, to_tensor, (3, 8, 8), 4, workers=workers, seed=5, num_classes=10)
+
+
+def one_epoch(shards: SplitShards, workers: int, epoch: int) -> list[list[int]]:
+    """The epoch's batches (indices) from a fresh, non-endless loader."""
+    stream = new_stream(shards, workers)
+    stream.set_epoch(epoch)
+    return [b["index"].tolist() for b in make_loader(stream)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cycling_batches_run_across_epoch_ends_and_resume_from_their_cursor(tmp_path, workers):
+    shards = tiny_split(tmp_path)
+    epochs = [one_epoch(shards, workers, e) for e in range(3)]
+    for batches in epochs:  # every sample once per epoch (padding rows are -1)
+        assert sorted(i for b in batches for i in b if i >= 0) == list(range(sum(SHARD_LENGTHS)))
+    expected = [b for batches in epochs for b in batches]
+    cursors = [[e, p] for e, batches in enumerate(epochs) for p in range(len(batches))]  # before each batch
+
+    cycling = CyclingBatches(new_stream(shards, workers))
+    got = []
+    for cursor in cursors:
+        assert cycling.cursor() == cursor
+        got.append(cycling.next()["index"].tolist())
+    assert got == expected and cycling.cursor() == [3, 0]
+
+    mid = len(epochs[0]) + 1  # epoch 1, position 1: with 2 workers the other worker reads first
+    resumed = CyclingBatches(new_stream(shards, workers), *cursors[mid])
+    assert [resumed.next()["index"].tolist() for _ in expected[mid:]] == expected[mid:]
+
+
+def test_a_cursor_at_an_epochs_end_starts_the_next_epoch(tmp_path):
+    shards = tiny_split(tmp_path)
+    first, second = one_epoch(shards, 0, 0), one_epoch(shards, 0, 1)
+    cycling = CyclingBatches(new_stream(shards, 0), epoch=0, position=len(first))
+    assert cycling.next()["index"].tolist() == second[0]
+    assert cycling.cursor() == [1, 1]
+
+
+# ---- combine / skipped_entries: one forward's tensors from the step's batches ----
+
+def part(n: int, valid: list[bool], fill: float, label0: int, skipped: list | None = None) -> dict:
+    return {"image": torch.full((n, 3, 4, 4), fill), "label": torch.arange(label0, label0 + n),
+            "valid": torch.tensor(valid), "skipped": skipped or []}
+
+
+def test_combine_concatenates_parts_in_order_with_their_loss_masks():
+    parts = {"members": part(3, [True, True, False], 1.0, 0), "probe": part(2, [True, False], 2.0, 10),
+             "external": part(2, [True, True], 3.0, 20), "members_shifted": part(2, [False, True], 4.0, 30),
+             "external_shifted": part(1, [True], 5.0, 40)}
+    out = combine(parts, torch.device("cpu"), torch.channels_last)
+    T, F = True, False
+    #           members   probe  external shifted   ext_shifted
+    expected = {"valid": [T, T, F, T, F, T, T, F, T, T],
+                "task_mask": [T, T, F, T, F, F, F, F, F, F],
+                "mint_mask": [T, T, F, F, F, T, T, F, T, T],
+                "is_member": [T, T, T, F, F, F, F, F, F, F],
+                "is_external": [F, F, F, F, F, T, T, F, F, F]}
+    for key, want in expected.items():
+        assert out[key].tolist() == want, key
+    assert out["label"].tolist() == [0, 1, 2, 10, 11, 20, 21, 30, 31, 40]
+    assert out["image"][:, 0, 0, 0].tolist() == [1, 1, 1, 2, 2, 3, 3, 4, 4, 5]
+    assert out["image"].shape == (10, 3, 4, 4) and out["image"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_skipped_entries_lists_every_parts_skips_in_order():
+    parts = {"members": part(1, [True], 0, 0, [("k1", "undecodable image")]), "probe": part(1, [True], 0, 0),
+             "external": part(1, [False], 0, 0, [("k2", "label out of range"), ("shard-3.tar", "truncated")])}
+    assert skipped_entries(parts) == [("k1", "undecodable image"), ("k2", "label out of range"),
+                                      ("shard-3.tar", "truncated")]
+    assert skipped_entries({"members": part(1, [True], 0, 0)}) == []
+
+
+# ---- shifted negatives ----
+
+def translated(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``image`` moved by (dy, dx) with replicated edges: output[r, c] = image[clamp(r + dy), clamp(c + dx)]."""
+    _, h, w = image.shape
+    rows = (torch.arange(h) + dy).clamp(0, h - 1)
+    cols = (torch.arange(w) + dx).clamp(0, w - 1)
+    return image[:, rows][:, :, cols]
+
+
+def test_shifted_batch_translates_every_image_by_a_nonzero_offset():
+    n, s = 64, 1
+    images = torch.rand(n, 3, 6, 5, generator=torch.Generator().manual_seed(0))
+    valid = torch.tensor([i % 3 != 0 for i in range(n)])
+    batch = {"image": images, "label": torch.arange(n), "index": torch.arange(n), "valid": valid,
+             "key": [f"k{i}" for i in range(n)], "skipped": [("x", "y")]}
+    out = shifted_batch(batch, s, torch.Generator().manual_seed(7))
+    assert out["image"].shape == images.shape
+    assert out["label"].tolist() == [-1] * n and out["index"].tolist() == [-1] * n
+    assert out["key"] == [""] * n and out["skipped"] == []
+    assert out["valid"].tolist() == valid.tolist()  # invalid rows stay invalid
+    out["valid"][:] = True
+    assert batch["valid"].tolist() == valid.tolist()  # a copy: the members batch is untouched
+    offsets = [(dy, dx) for dy in range(-s, s + 1) for dx in range(-s, s + 1)]
+    seen = set()
+    for i in range(n):
+        matches = [o for o in offsets if torch.equal(out["image"][i], translated(images[i], *o))]
+        assert len(matches) == 1 and matches[0] != (0, 0), (i, matches)
+        seen.add(matches[0])
+    assert seen == set(offsets) - {(0, 0)}  # every non-zero offset occurs, none is zero
+
+
+def test_shifted_batch_is_deterministic_for_a_seeded_generator():
+    images = torch.rand(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    batch = {"image": images, "label": torch.zeros(8, dtype=torch.long), "valid": torch.ones(8, dtype=torch.bool)}
+    first, again, other = (shifted_batch(batch, 2, torch.Generator().manual_seed(seed))["image"] for seed in (3, 3, 4))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+# ---- the skip budget (data.max_skip_fraction) ----
+
+def manifest_with_shards(*sizes: int) -> dict:
+    return {"splits": {"members": {"shards": [{"num_samples": n} for n in sizes[:-1]]},
+                       "external": {"shards": [{"num_samples": sizes[-1]}]}}}
+
+
+def test_skip_budget_floor_is_the_largest_shard_over_the_cap():
+    assert SkipBudget.for_dataset(0.1, manifest_with_shards(30, 50, 20)) == SkipBudget(0.1, 500)
+    assert SkipBudget.for_dataset(0.3, manifest_with_shards(30, 50, 20)) == SkipBudget(0.3, 167)  # ceil(166.7)
+    assert SkipBudget.for_dataset(0, manifest_with_shards(30, 50, 20)) == SkipBudget(0.0, 0)
+
+
+def test_skip_budget_mid_epoch_and_epoch_end_rules():
+    budget = SkipBudget(0.1, 500)
+    budget.check({"undecodable image": 60}, 400, epoch_end=False)  # 15% but fewer than 500 read: not judged yet
+    with pytest.raises(SkipBudgetExceeded):
+        budget.check({"undecodable image": 60}, 400, epoch_end=True)  # an epoch's end is always judged
+    with pytest.raises(SkipBudgetExceeded):
+        budget.check({"undecodable image": 51}, 500, epoch_end=False)  # 10.2% of 500
+    budget.check({"undecodable image": 50}, 500, epoch_end=False)  # exactly the cap is allowed
+    budget.check({"undecodable image": 50}, 500, epoch_end=True)
+    for read in range(50, 3000, 7):  # the whole largest shard (50) lost mid-epoch never stops the run alone
+        budget.check({"truncated or unreadable shard": 50}, read, epoch_end=False)
+
+
+def test_skip_budget_cap_zero_tolerates_no_skip_and_one_any():
+    SkipBudget(0.0, 0).check({}, 10, epoch_end=False)
+    with pytest.raises(SkipBudgetExceeded):
+        SkipBudget(0.0, 0).check({"no image": 1}, 10_000, epoch_end=False)
+    SkipBudget(1.0, 1).check({"no image": 10}, 10, epoch_end=True)
+
+
+def test_skip_budget_error_is_one_line_with_counts_reasons_and_examples():
+    with pytest.raises(SkipBudgetExceeded) as info:
+        SkipBudget(0.1, 0).check({"label out of range": 20, "undecodable image": 40}, 400, epoch_end=True,
+                                 examples=[("k1", "x"), ("k2", "y"), ("k3", "z"), ("k4", "w")])
+    assert str(info.value) == (
+        "data.max_skip_fraction=0.1 exceeded: 60 of 400 samples read so far (15.0%) were skipped "
+        "(undecodable image: 40, label out of range: 20; e.g. k1, k2, k3): repair the dataset root, "
+        "or raise data.max_skip_fraction")
+    with pytest.raises(SkipBudgetExceeded, match=r"^[^\n]*\(no image: 2\): repair"):
+        SkipBudget(0.1, 0).check({"no image": 2}, 3, epoch_end=True)  # no examples: no "e.g."
+
+
+# ---- StepStats: running sums, reduced across ranks ----
+
+T, F = True, False
+
+
+def stats_batch() -> dict:
+    """Rows 0-2 members (row 2 invalid), 3-4 external, 5 a shifted member (a MINT negative, no task row)."""
+    valid = torch.tensor([T, T, F, T, T, T])
+    member = torch.tensor([T, T, T, F, F, F])
+    external = torch.tensor([F, F, F, T, T, F])
+    return {"label": torch.tensor([0, 1, 2, 0, 1, -1]), "valid": valid, "task_mask": valid & member,
+            "mint_mask": valid & torch.tensor([T, T, T, T, T, T]), "is_member": member, "is_external": external}
+
+
+# argmax [0, 0, 2, 1, 1, 0]: of the task rows (0, 1) one is right
+LOGITS = torch.tensor([[3.0, 0, 0], [2.0, 1, 0], [0, 0, 1.0], [0, 1.0, 0], [0, 1.0, 0], [1.0, 0, 0]])
+MINT_LOGIT = torch.tensor([2.0, -1.0, 5.0, -3.0, 0.5, -2.0])  # > 0: members 0 right, 1 wrong; external 3 right, 4 wrong
+
+
+def identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def test_step_stats_sums_and_ratios():
+    stats = StepStats()
+    stats.add(stats_batch(), LOGITS, None, LossParts(torch.tensor(0.1), None), data_wait=0.1, step_time=1.0)
+    assert "train/mint_loss" not in stats.reduce(identity)  # no MINT rows yet: no MINT ratios
+    stats.add(stats_batch(), LOGITS, MINT_LOGIT, LossParts(torch.tensor(0.7), torch.tensor(0.5)), data_wait=0.4,
+              step_time=1.0)
+    sums = stats.sums_dict()
+    assert sums == pytest.approx({
+        "task_loss": 0.1 * 2 + 0.7 * 2, "task_correct": 2, "task_rows": 4, "mint_loss": 0.5 * 5,
+        "member_correct": 1, "member_rows": 2, "external_correct": 1, "external_rows": 2, "samples": 10,
+        "data_wait": 0.5, "step_time": 2.0, "steps": 2, "world": 2})
+    seen = []
+
+    def fake_reduce(t: torch.Tensor) -> torch.Tensor:  # one rank: the sums as they are, modified in place
+        seen.append((t.dtype, t.shape))
+        return t.mul_(1)
+
+    out = stats.reduce(fake_reduce)
+    assert seen == [(torch.float64, (len(FIELDS),))] and stats.sums_dict() == sums
+    assert out["train/task_loss"] == pytest.approx(0.4) and out["train/task_acc"] == pytest.approx(0.5)
+    assert out["train/samples_per_s"] == pytest.approx(5.0) and out["train/data_wait_frac"] == pytest.approx(0.25)
+    assert out["train/mint_acc_members"] == pytest.approx(0.5) and out["train/mint_acc_external"] == pytest.approx(0.5)
+    members, external = stats.mint_scores()
+    np.testing.assert_allclose(members, torch.sigmoid(torch.tensor([2.0, -1.0])).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(external, torch.sigmoid(torch.tensor([-3.0, 0.5])).numpy(), rtol=1e-6)
+
+
+def test_step_stats_ratios_over_two_identical_ranks_equal_one_ranks():
+    stats = StepStats()
+    stats.add(stats_batch(), LOGITS, MINT_LOGIT, LossParts(torch.tensor(0.7), torch.tensor(0.5)), 0.2, 1.0)
+    one, two = stats.reduce(identity), stats.reduce(lambda t: t * 2)
+    for key in ("train/task_loss", "train/task_acc", "train/mint_acc_members", "train/mint_acc_external",
+                "train/data_wait_frac"):
+        assert two[key] == pytest.approx(one[key]), key
+
+
+@pytest.mark.xfail(strict=True, reason="stats.py: world = s['world'] / s['steps'] is always 1 (both are summed over "
+                                       "ranks), so samples_per_s is one rank's rate, not all ranks' (docs/training.md)")
+def test_step_stats_samples_per_s_counts_all_ranks():
+    stats = StepStats()
+    stats.add(stats_batch(), LOGITS, None, LossParts(torch.tensor(0.7), None), 0.0, 1.0)  # 5 samples in 1 s
+    assert stats.reduce(lambda t: t * 2)["train/samples_per_s"] == pytest.approx(10.0)  # two ranks in parallel
+
+
+@pytest.mark.xfail(strict=True, reason="stats.py: mint_loss sums loss x all MINT rows (shifted negatives included) "
+                                       "but divides by member_rows + external_rows only")
+def test_step_stats_mint_loss_is_the_mean_over_mint_rows_with_shifted_negatives():
+    stats = StepStats()
+    stats.add(stats_batch(), LOGITS, MINT_LOGIT, LossParts(torch.tensor(0.7), torch.tensor(0.5)), 0.0, 1.0)
+    assert stats.reduce(identity)["train/mint_loss"] == pytest.approx(0.5)
+
+
+def test_step_stats_sums_round_trip_and_unknown_fields_are_ignored():
+    stats = StepStats()
+    stats.add(stats_batch(), LOGITS, MINT_LOGIT, LossParts(torch.tensor(0.7), torch.tensor(0.5)), 0.2, 1.5)
+    saved = json.loads(json.dumps(stats.sums_dict()))  # as a checkpoint stores it
+    back = StepStats()
+    back.load_sums({**saved, "a_field_from_a_newer_version": 9.0})
+    assert back.sums_dict() == stats.sums_dict() and list(back.sums_dict()) == list(FIELDS)
+    assert back.reduce(identity) == pytest.approx(stats.reduce(identity), nan_ok=True)
+    assert [len(s) for s in back.mint_scores()] == [0, 0]  # scores are not part of the sums
+
+
+# ---- batch sizing: read_batches / check_dataset_fit ----
+
+COUNTS = {"members": 400, "probe": 100, "external": 200, "heldout": 200}
+
+
+def sizing_cfg(batch=8, grad_accum=1, probe="auto", workers=2, mode="active", external_ratio=0.5) -> dict:
+    return {"train": {"batch_size": batch, "grad_accum": grad_accum, "probe_batch_size": probe},
+            "data": {"workers": workers}, "mint": {"mode": mode, "external_ratio": external_ratio}}
+
+
+def sizing_manifest(shards: int = 8, counts: dict | None = None, **per_split: int) -> dict:
+    counts = counts or COUNTS
+    return {"counts": counts, "splits": {s: {"shards": [{"num_samples": 1}] * per_split.get(s, shards)}
+                                         for s in counts}}
+
+
+def test_read_batches_sizes_every_split():
+    assert read_batches(sizing_cfg(), COUNTS) == {"members": 8, "external": 4, "probe": 2}  # probe 8 x 100 / 400
+    assert read_batches(sizing_cfg(mode="passive", external_ratio=0.01), COUNTS)["external"] == 1  # at least one
+    assert read_batches(sizing_cfg(mode="off"), COUNTS)["external"] == 0  # no MINT: external never read
+    assert read_batches(sizing_cfg(probe=3), COUNTS)["probe"] == 3
+    assert read_batches(sizing_cfg(batch=10), {**COUNTS, "probe": 0}) == {"members": 10, "external": 5, "probe": 0}
+
+
+def test_dataset_fit_accepts_a_config_that_fits():
+    check_dataset_fit(sizing_cfg(), sizing_manifest(), world=4)  # 8 readers, 8 shards each
+    check_dataset_fit(sizing_cfg(mode="off"), sizing_manifest(external=1), world=4)  # an unread split needs no shards
+    check_dataset_fit(sizing_cfg(grad_accum=25), sizing_manifest(), world=2)  # exactly 400 / (2 x 8) = 25 batches
+
+
+@pytest.mark.parametrize("cfg, world, manifest, message", [
+    (sizing_cfg(), 4, sizing_manifest(external=7),
+     "data.workers=2: split 'external' has 7 shards but 4 rank(s) x 2 reader(s) = 8 need one each; "),
+    (sizing_cfg(workers=0), 9, sizing_manifest(),
+     "data.workers=0: split 'members' has 8 shards but 9 rank(s) x 1 reader(s) = 9 need one each; "),
+    (sizing_cfg(batch=201), 2, sizing_manifest(),
+     "train.batch_size=201: 201 members rows per rank x 2 rank(s) is more than the members split holds (400 samples)"),
+    (sizing_cfg(external_ratio=13), 2, sizing_manifest(),
+     "mint.external_ratio=13: 104 external rows per rank x 2 rank(s) is more than the external split holds "
+     "(200 samples)"),
+    (sizing_cfg(probe=51), 2, sizing_manifest(),
+     "train.probe_batch_size=51: 51 probe rows per rank x 2 rank(s) is more than the probe split holds (100 samples)"),
+    (sizing_cfg(grad_accum=26), 2, sizing_manifest(),
+     "train.grad_accum=26: an epoch has about 25 member batches per rank, fewer than one optimizer step needs"),
+])
+def test_dataset_fit_refusals_name_the_key_and_the_numbers(cfg, world, manifest, message):
+    with pytest.raises(ConfigError) as info:
+        check_dataset_fit(cfg, manifest, world)
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_an_auto_probe_batch_is_never_refused_for_its_size():
+    # batch 3 -> auto probe round(3 x 100 / 400) = 1 row per rank; 133 ranks read 133 > 100 probe rows
+    check_dataset_fit(sizing_cfg(batch=3, workers=0, mode="off"), sizing_manifest(shards=133), world=133)
+    with pytest.raises(ConfigError, match=r"train.probe_batch_size=1: 1 probe rows per rank x 133 rank\(s\)"):
+        check_dataset_fit(sizing_cfg(batch=3, workers=0, mode="off", probe=1), sizing_manifest(shards=133), world=133)
