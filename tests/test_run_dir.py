@@ -6,6 +6,7 @@ and a 2-process launch are refused, naming the holder; SIGKILL of the holder fre
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -78,6 +79,47 @@ def test_run_dir_rules(tmp_path):
         claim_run_dir(tmp_path / "absent", "latest")
     assert not (tmp_path / "absent").exists()  # a refused claim creates nothing
 
+
+
+def test_run_dir_refusals_list_the_content_and_ignore_the_lock_file(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RunDirError, match=f"resume=latest: no checkpoint to resume: {re.escape(str(empty))} holds no run"):
+        check_run_dir(empty, "latest")  # an existing empty folder is not a run either
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / LOCK_NAME).write_text("")
+    for name in ["g", "f", "e", "d", "c", "b", "a"]:
+        (folder / name).write_text(name)
+    with pytest.raises(RunDirError) as info:
+        check_run_dir(folder, None)
+    assert str(info.value) == (f"run.dir {folder} exists, is not empty and is not a run (no config.yaml): a, b, c, d, e "
+                               "and 2 more; choose a new or empty run.dir")
+
+
+def test_a_refused_claim_of_a_run_releases_its_lock(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("run: {}\n")
+    with pytest.raises(RunDirError, match="already holds a run"):
+        claim_run_dir(run, None)
+    with claim_run_dir(run, "latest"):  # the refused claim let go of the lock
+        assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
+    with RunDirLock(run, "again"):  # and so did this one, on exit
+        pass
+
+
+def test_a_holder_that_has_not_written_the_lock_file_yet_is_named_as_such(tmp_path):
+    fd = os.open(tmp_path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b'{"pid": 12')  # torn: the holder is still writing itself in
+        with pytest.raises(RunDirError, match=r"is in use by another process \(not yet recorded in its lock file\)$"):
+            RunDirLock(tmp_path, "train").acquire()
+    finally:
+        os.close(fd)
+    with RunDirLock(tmp_path, "train"):  # closed: released
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["purpose"] == "train"
 
 def test_the_lock_is_exclusive_names_its_holder_and_is_released(tmp_path):
     with RunDirLock(tmp_path, "test").acquire():
