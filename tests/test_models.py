@@ -1,6 +1,7 @@
 """AuditableModel, MINT heads and tap presets on tiny real timm models (pretrained=False)."""
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -86,15 +87,28 @@ def test_output_shapes(family, preset, kind):
     assert torch.isfinite(score).all()
 
 
+def plain_timm(family: str) -> nn.Module:
+    """The family's classifier straight from timm, built after the same seed as :func:`build`: nothing of ours."""
+    spec = FAMILIES[family]
+    size = {"img_size": IMG} if family == "vit" else {}  # the fixed-input-size family
+    torch.manual_seed(0)
+    return timm.create_model(spec["name"], pretrained=False, num_classes=NUM_CLASSES, **spec.get("kwargs", {}), **size)
+
+
 @pytest.mark.parametrize("mode", ["active", "passive", "off"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_task_logits_equal_timm_forward(family, mode):
     model = build(family, mode=mode).eval()
+    reference = plain_timm(family).eval()
+    ours, theirs = model.backbone.state_dict(), reference.state_dict()
+    assert list(ours) == list(theirs)  # the same architecture, initialised alike from the seed
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=0, msg=name)
     x = images()
     with torch.no_grad():
         logits, _ = model(x)
-        reference = model.backbone(x)
-    torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+        expected = reference(x)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", ["vit", "resnet", "convnext"])
@@ -134,6 +148,7 @@ def test_off_mode_has_no_head(family):
     model = build(family, mode="off")
     assert model.mint_head is None
     assert not [n for n, _ in model.named_parameters() if not n.startswith("backbone.")]
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain_timm(family).parameters())
     logits, score = model(images())
     assert score is None and logits.shape == (4, NUM_CLASSES)
 
