@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reliability_helpers import keys_of, png, write_split
+from reliability_helpers import keys_of, png, to_tensor, write_split
 
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
 from amint_dist.data.sources import sanitize_key
@@ -21,12 +21,6 @@ from amint_dist.data.sources import sanitize_key
 def test_sanitized_keys_cannot_name_a_path(raw):
     key = sanitize_key(raw)
     assert re.fullmatch(r"[A-Za-z0-9_-]+", key) and ".." not in key and "/" not in key
-
-
-def to_tensor(img):
-    import torch
-
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 def read_all(shards: SplitShards, workers: int = 0, num_classes: int = 10) -> list[dict]:

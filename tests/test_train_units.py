@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reliability_helpers import png, write_split
+from reliability_helpers import png, to_tensor, write_split
 
 from amint_dist.config_checks import ConfigError, check_dataset_fit, read_batches
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
@@ -72,10 +72,6 @@ def test_ledger_counts_valid_rows_and_round_trips(tmp_path):
 # ---- CyclingBatches: endless batches with a resumable (epoch, position) cursor ----
 
 SHARD_LENGTHS = (5, 3, 4)  # 12 samples; batches of 4
-
-
-def to_tensor(img) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 def tiny_split(root: Path) -> SplitShards:
