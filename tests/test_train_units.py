@@ -279,7 +279,7 @@ def test_step_stats_sums_and_ratios():
     assert sums == pytest.approx({
         "task_loss": 0.1 * 2 + 0.7 * 2, "task_correct": 2, "task_rows": 4, "mint_loss": 0.5 * 5,
         "member_correct": 1, "member_rows": 2, "external_correct": 1, "external_rows": 2, "samples": 10,
-        "data_wait": 0.5, "step_time": 2.0, "steps": 2, "world": 2})
+        "data_wait": 0.5, "step_time": 2.0, "steps": 2, "mint_rows": 5})
     seen = []
 
     def fake_reduce(t: torch.Tensor) -> torch.Tensor:  # one rank: the sums as they are, modified in place
@@ -305,16 +305,12 @@ def test_step_stats_ratios_over_two_identical_ranks_equal_one_ranks():
         assert two[key] == pytest.approx(one[key]), key
 
 
-@pytest.mark.xfail(strict=True, reason="stats.py: world = s['world'] / s['steps'] is always 1 (both are summed over "
-                                       "ranks), so samples_per_s is one rank's rate, not all ranks' (docs/training.md)")
 def test_step_stats_samples_per_s_counts_all_ranks():
     stats = StepStats()
     stats.add(stats_batch(), LOGITS, None, LossParts(torch.tensor(0.7), None), 0.0, 1.0)  # 5 samples in 1 s
     assert stats.reduce(lambda t: t * 2)["train/samples_per_s"] == pytest.approx(10.0)  # two ranks in parallel
 
 
-@pytest.mark.xfail(strict=True, reason="stats.py: mint_loss sums loss x all MINT rows (shifted negatives included) "
-                                       "but divides by member_rows + external_rows only")
 def test_step_stats_mint_loss_is_the_mean_over_mint_rows_with_shifted_negatives():
     stats = StepStats()
     stats.add(stats_batch(), LOGITS, MINT_LOGIT, LossParts(torch.tensor(0.7), torch.tensor(0.5)), 0.0, 1.0)

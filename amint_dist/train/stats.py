@@ -9,8 +9,8 @@ import torch
 
 from amint_dist.train.losses import LossParts
 
-FIELDS = ("task_loss", "task_correct", "task_rows", "mint_loss", "member_correct", "member_rows",
-          "external_correct", "external_rows", "samples", "data_wait", "step_time", "steps", "world")
+FIELDS = ("task_loss", "task_correct", "task_rows", "mint_loss", "mint_rows", "member_correct", "member_rows",
+          "external_correct", "external_rows", "samples", "data_wait", "step_time", "steps")
 MAX_HISTOGRAM_SCORES = 8192
 
 
@@ -32,7 +32,6 @@ class StepStats:
             "data_wait": data_wait,
             "step_time": step_time,
             "steps": 1,
-            "world": 1,
         }
         if mint_logit is not None:
             predicted = mint_logit > 0
@@ -44,15 +43,18 @@ class StepStats:
                 kept = self.scores["members" if target else "external"]
                 if sum(len(s) for s in kept) < MAX_HISTOGRAM_SCORES:
                     kept.append(torch.sigmoid(mint_logit[rows].float()).cpu().numpy())
-            values["mint_loss"] = losses.mint.item() * int(batch["mint_mask"].sum())
+            values["mint_rows"] = int(batch["mint_mask"].sum())  # members, external and shifted negatives
+            values["mint_loss"] = losses.mint.item() * values["mint_rows"]
         for name, value in values.items():
             self.sums[FIELDS.index(name)] += value
 
     def reduce(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-        """Rank-summed ratios for logging (call on every rank: it is a collective)."""
+        """Rank-summed ratios for logging (call on every rank: it is a collective). Every rank steps the same
+        number of times in a window, so the ranks' count is the summed steps over this rank's."""
         s = dict(zip(FIELDS, reduce_sum(self.sums.clone()).tolist()))
         ratio = lambda a, b: a / b if b else float("nan")  # noqa: E731
-        world = s["world"] / max(s["steps"], 1) if s["steps"] else 1.0
+        local_steps = float(self.sums[FIELDS.index("steps")])
+        world = s["steps"] / local_steps if local_steps else 1.0
         out = {
             "train/task_loss": ratio(s["task_loss"], s["task_rows"]),
             "train/task_acc": ratio(s["task_correct"], s["task_rows"]),
@@ -61,7 +63,7 @@ class StepStats:
         }
         if s["member_rows"] or s["external_rows"]:
             out.update({
-                "train/mint_loss": ratio(s["mint_loss"], s["member_rows"] + s["external_rows"]),
+                "train/mint_loss": ratio(s["mint_loss"], s["mint_rows"]),
                 "train/mint_acc_members": ratio(s["member_correct"], s["member_rows"]),
                 "train/mint_acc_external": ratio(s["external_correct"], s["external_rows"]),
             })
