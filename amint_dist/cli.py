@@ -75,7 +75,7 @@ def run_cli(config_dir: str, config_name: str, main: Callable[[dict[str, Any]], 
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = _parser(config_name).parse_intermixed_args(argv)
+        args = _parser(config_name).parse_intermixed_args(_info_default(argv))
     except OverrideError as e:
         _fail(str(e))
     _configure_logging(args.verbose)
@@ -99,6 +99,12 @@ def run_cli(config_dir: str, config_name: str, main: Callable[[dict[str, Any]], 
         return one_line_errors(main)(to_dict(cfg))
     except (HydraException, OmegaConfBaseException, OverrideError) as e:
         _fail(_one_line(e))
+
+
+def _info_default(argv: list[str]) -> list[str]:
+    """``--info`` followed by an override (not one of Hydra's info words) means ``--info all``."""
+    return [f"{a}=all" if a == "--info" and (i + 1 == len(argv) or argv[i + 1] not in INFO_CHOICES) else a
+            for i, a in enumerate(argv)]
 
 
 def _fail(message: str) -> None:
