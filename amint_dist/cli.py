@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -107,7 +107,7 @@ def _info_default(argv: list[str]) -> list[str]:
             for i, a in enumerate(argv)]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -226,8 +226,8 @@ def _sweep_jobs(config_dir: str, config_name: str, overrides: list[str], sweep_d
     names = [_job_name(o for o in job if o.split("=", 1)[0] in swept) or str(i) for i, job in enumerate(jobs)]
     if len(set(names)) < len(names):  # two values that read alike once made file-name safe
         names = [f"{i}_{name}" for i, name in enumerate(names)]
-    return [[o for o in job if o.split("=", 1)[0].lstrip("+~") != sweep_dir_key] + [f"{sweep_dir_key}={_quoted(base / name)}"]
-            for job, name in zip(jobs, names)]
+    return [[o for o in job if o.split("=", 1)[0].lstrip("+~") != sweep_dir_key]
+            + [f"{sweep_dir_key}={_quoted(base / name)}"] for job, name in zip(jobs, names)]
 
 
 def _job_name(overrides: Iterable[str]) -> str:
