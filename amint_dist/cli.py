@@ -82,7 +82,7 @@ def run_cli(config_dir: str, config_name: str, main: Callable[[dict[str, Any]], 
     args.flags = [a for a in argv if a not in args.overrides]
     record_command(config_name, args.overrides, args.flags)
     if args.help:
-        print(help_text(config_dir, config_name))
+        print(help_text(config_dir, config_name, sweeps=sweep_dir_key is not None))
         return None
     try:
         if args.multirun:
@@ -133,24 +133,26 @@ FLAGS = """flags:
   -h, --help        this text
   --cfg job         print the composed config (overrides applied, resolved) and exit
   --info [WHAT]     Hydra's information: all (default), config, defaults, defaults-tree, plugins, searchpath
-  -m, --multirun    a sweep: every combination of comma-separated values (train.epochs=1,2 mint.weight=1,3)
-                    runs one after the other in this process, each in its own run dir (see docs/training.md);
-                    not under a multi-process launcher (WORLD_SIZE>1: every rank would run the whole sweep)
+{multirun}
   -v, --verbose     also Accelerate's INFO lines (per-checkpoint "Saving current state ...") and debug details
 
 Overrides use Hydra's syntax: key=value changes a value, group=option picks a file of a config group
 (experiment=vit_b16_imagenet), ++key=value forces an existing key, +model.kwargs.NAME=VALUE adds a timm
 argument. Other added keys and hydra.* settings are refused: they would have no effect."""
+MULTIRUN = """  -m, --multirun    a sweep: every combination of comma-separated values (train.epochs=1,2 mint.weight=1,3)
+                    runs one after the other in this process, each in its own run dir (see docs/training.md);
+                    not under a multi-process launcher (WORLD_SIZE>1: every rank would run the whole sweep)"""
+NO_MULTIRUN = "  -m, --multirun    refused here: sweeps are for training runs (launch/train.py)"
 
 
-def help_text(config_dir: str, config_name: str) -> str:
+def help_text(config_dir: str, config_name: str, sweeps: bool = False) -> str:
     """Usage, flags, every config group of ``config_name``'s defaults list with its options (each with the first
     line of its comments), then the default config's files as written: the comments are the documentation."""
     root = Path(config_dir)
     primary = root / f"{config_name}.yaml"
     defaults = [d for d in (yaml.safe_load(primary.read_text()) or {}).get("defaults", []) if isinstance(d, dict)]
     lines = [f"usage: {Path(sys.argv[0]).name or config_name} [-h] [--cfg job] [--info [WHAT]] [-m] [-v] "
-             "[key=value ...]", "", FLAGS]
+             "[key=value ...]", "", FLAGS.format(multirun=MULTIRUN if sweeps else NO_MULTIRUN)]
     chosen = [(group, option) for d in defaults for group, option in d.items()]
     if chosen:
         lines += ["", "config groups (group=option; * the default):"]
@@ -178,8 +180,10 @@ def _first_comment(path: Path) -> str:
 
 
 def _configure_logging(verbose: bool) -> None:
-    """INFO lines of this package on stdout; Accelerate's own INFO lines (every checkpoint) only with -v."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stdout)
+    """INFO lines on stdout; with -v also this package's debug lines and Accelerate's own INFO lines (one per
+    checkpoint saved), hidden by default."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    logging.getLogger("amint_dist").setLevel(logging.DEBUG if verbose else logging.NOTSET)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
