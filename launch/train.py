@@ -1,4 +1,5 @@
-"""Train an auditable model: ``accelerate launch launch/train.py [hydra overrides]``."""
+"""Train an auditable model: ``accelerate launch launch/train.py [hydra overrides]`` (``--help``: config groups,
+flags and the commented default config; ``-m`` sweeps, one run after the other, in one process)."""
 
 from pathlib import Path
 
@@ -13,7 +14,8 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 def main(cfg: dict) -> None:
     run_dir = train(cfg)
-    print(f"run finished: {run_dir}")
+    if PartialState().is_main_process:
+        print(f"run finished: {run_dir}")
     if cfg["audit"]:  # configs/audit.yaml's defaults, on this run and the dataset root it was trained on
         report = run_audit(audit_config(CONFIGS, run_dir))
         if PartialState().is_main_process:
@@ -21,4 +23,4 @@ def main(cfg: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(CONFIGS, "train", main)
+    run_cli(CONFIGS, "train", main, sweep_dir_key="run.dir")

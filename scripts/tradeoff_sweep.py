@@ -75,7 +75,11 @@ def write_docs(rows: list[dict], command: str) -> None:
         lines.append(f"| {r['name']} | `{r['overrides']}` | {fmt(r['task'])} [{r['task_ci'][0]:.2f}, {r['task_ci'][1]:.2f}] "
                      f"| {fmt(base - r['task'])} | {fmt(r['mint_acc'])} | {fmt(r['mint_bal_acc'])} | {fmt(r['mint_auc'])} "
                      f"| {fmt(r['null_auc'])} |")
-    lines += ["", "![MINT accuracy vs task accuracy](tradeoff.png)", ""]
+    lines += ["", "The grid alone could be trained with `python launch/train.py -m mint.weight=1,3,10 "
+              "'mint.taps=entry,middle,output,[1,3,5]' train.epochs=40 run.dir=runs/tradeoff` (plus `mint.mode=off`), "
+              "but the script stays: it runs two jobs at a time (`-m` runs one after the other), reuses runs that "
+              "already have a report, audits without the passive head (not in this table) and writes this table "
+              "and plot from the reports.", "", "![MINT accuracy vs task accuracy](tradeoff.png)", ""]
     (REPO / "docs" / "tradeoff.md").write_text("\n".join(lines))
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for r in rows:

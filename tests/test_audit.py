@@ -134,6 +134,17 @@ def test_main_job_prints_the_report_path(audited_run):
     assert table.count("\n| ") == 1 + len(METHODS) and "| **amint** |" in table
 
 
+def test_report_and_run_dir_carry_provenance(audited_run, report):
+    run_dir, stdout = audited_run
+    assert stdout.count("run finished:") == 1
+    trained = json.loads((run_dir / "provenance.json").read_text())
+    audited = report["provenance"]  # the audit's own: here the same command, a later time
+    for prov in (trained, audited):
+        assert prov["command"]["entry_point"] == "train" and "audit=true" in prov["command"]["overrides"]
+        assert prov["versions"]["timm"] and prov["versions"]["accelerate"] and prov["host"]
+    assert audited["git"] == trained["git"] and audited["time"] >= trained["time"]
+
+
 def test_report_follows_the_contract(report, train_root):
     assert report["format"] == "amint-dist-audit/1" and report["ledger"] is True
     assert 0 <= report["task"]["accuracy"]["value"] <= 1 and report["task"]["n"] == report["scored"]["heldout"]["n"]

@@ -245,6 +245,15 @@ def test_two_machines_both_train_and_appear_in_the_ledger(two_machines):
     assert all(m.sum() > 0 for m in members) and (members[0] + members[1] == EPOCHS).all()
 
 
+def test_only_rank_zero_reports_and_writes_provenance(two_machines):
+    logs = {rank: (two_machines.parent / f"machine{rank}.log").read_text() for rank in (0, 1)}
+    assert logs[0].count("run finished:") == 1 and "run finished" not in logs[1]
+    assert "Saving current state" not in logs[0] + logs[1]  # Accelerate's per-checkpoint INFO lines: -v only
+    provenance = json.loads((two_machines / "provenance.json").read_text())
+    assert provenance["command"]["entry_point"] == "train"
+    assert f"run.dir={two_machines}" in provenance["command"]["overrides"]
+
+
 def test_audit_under_two_processes_reads_the_consolidated_zero3_model(tmp_path_factory, train_root):
     run_dir = resumed_run("zero3", tmp_path_factory, train_root)
     cmd = launcher("deepspeed_zero3") + [str(REPO / "launch" / "audit.py"), f"run.dir={run_dir}", "audit.n_boot=20",

@@ -132,6 +132,7 @@ def train_cli_error(tmp_path: Path, data_root: Path, overrides: list[str], capsy
     from amint_dist.train.loop import train
 
     argv = [f"run.dir={tmp_path / 'bad'}", f"data.root={data_root}", *TINY, *overrides]
+    capsys.readouterr()  # only what the CLI prints (not the progress bars of a dataset the test prepared)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(str(REPO / "configs"), "train", train, argv=argv)
     assert exit_info.value.code == 2

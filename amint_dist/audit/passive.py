@@ -17,6 +17,7 @@ from torch import nn
 
 from amint_dist.data.pipeline import ShardedSplitStream, make_loader
 from amint_dist.models import AuditableModel, build_auditable_model
+from amint_dist.progress import progress
 from amint_dist.train.losses import mint_loss
 
 ReduceSum = Callable[[torch.Tensor], torch.Tensor]
@@ -31,8 +32,10 @@ def fresh_head(model_config: Mapping[str, Any], seed: int) -> nn.Module:
 
 def train_passive(audited: AuditableModel, head: nn.Module, members: ShardedSplitStream,
                   external: ShardedSplitStream, epochs: int, lr: float, seed: int, device: torch.device,
-                  autocast: Callable[[], AbstractContextManager], reduce_sum: ReduceSum, world: int) -> list[dict]:
-    """Train ``head`` in place on ``audited``'s frozen taps; return per-epoch loss and accuracies (all ranks)."""
+                  autocast: Callable[[], AbstractContextManager], reduce_sum: ReduceSum, world: int,
+                  show: bool = False) -> list[dict]:
+    """Train ``head`` in place on ``audited``'s frozen taps; return per-epoch loss and accuracies (all ranks).
+    ``show``: a progress bar over the epochs (rank 0)."""
     audited.backbone.requires_grad_(False)
     model = AuditableModel(audited.backbone, head, audited.taps, "passive").to(device)
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
@@ -40,28 +43,30 @@ def train_passive(audited: AuditableModel, head: nn.Module, members: ShardedSpli
     history = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for epoch in range(epochs):
-            members.set_epoch(epoch)
-            external.set_epoch(epoch)
-            model.backbone.eval()
-            head.train()
-            sums = torch.zeros(6, dtype=torch.float64)  # loss, steps, member hits, members, external hits, external
-            for pos, neg in zip(make_loader(members), make_loader(external)):
-                images = torch.cat([pos["image"][pos["valid"]], neg["image"][neg["valid"]]]).to(device)
-                is_member = (torch.arange(len(images)) < int(pos["valid"].sum())).to(device)
-                optimizer.zero_grad(set_to_none=True)
-                stepped = len(images) > 1  # a padding-only batch still joins the gradient all-reduce
-                if stepped:
-                    with autocast():
-                        _, logit = model(images)
-                    loss = 0.5 * (mint_loss(logit, is_member, is_member) + mint_loss(logit, is_member, ~is_member))
-                    loss.backward()
-                    sums += _batch_sums(loss, logit, is_member)
-                if world > 1:
-                    _average_gradients(params, reduce_sum, world)
-                if stepped or world > 1:  # every rank steps with the same averaged gradients
-                    optimizer.step()
-            history.append(_epoch_summary(epoch, reduce_sum(sums)))
+        with progress(range(epochs), desc="audit: passive head", unit="epoch", enabled=show) as bar:
+            for epoch in bar:
+                members.set_epoch(epoch)
+                external.set_epoch(epoch)
+                model.backbone.eval()
+                head.train()
+                sums = torch.zeros(6, dtype=torch.float64)  # loss, steps, member hits, members, external hits, external
+                for pos, neg in zip(make_loader(members), make_loader(external)):
+                    images = torch.cat([pos["image"][pos["valid"]], neg["image"][neg["valid"]]]).to(device)
+                    is_member = (torch.arange(len(images)) < int(pos["valid"].sum())).to(device)
+                    optimizer.zero_grad(set_to_none=True)
+                    stepped = len(images) > 1  # a padding-only batch still joins the gradient all-reduce
+                    if stepped:
+                        with autocast():
+                            _, logit = model(images)
+                        loss = 0.5 * (mint_loss(logit, is_member, is_member) + mint_loss(logit, is_member, ~is_member))
+                        loss.backward()
+                        sums += _batch_sums(loss, logit, is_member)
+                    if world > 1:
+                        _average_gradients(params, reduce_sum, world)
+                    if stepped or world > 1:  # every rank steps with the same averaged gradients
+                        optimizer.step()
+                history.append(_epoch_summary(epoch, reduce_sum(sums)))
+                bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)
     if world > 1:
         _average_buffers(head, reduce_sum, world)  # e.g. BatchNorm statistics: one head on every rank
     return history

@@ -30,6 +30,7 @@ from amint_dist.data.pipeline import ShardedSplitStream, SplitShards
 from amint_dist.data.transforms import data_config_for, make_transform
 from amint_dist.dist import check_world, cpu_only, launched_world, main_process_holds
 from amint_dist.models import AuditableModel
+from amint_dist.provenance import collect as collect_provenance
 from amint_dist.records.signing import Verifier
 from amint_dist.run_dir import RunDirLock
 from amint_dist.tb import Monitor
@@ -113,7 +114,8 @@ def _audit(cfg: Mapping[str, Any], run_dir: str, requested: list[str], state: Pa
     scored, skipped = {}, {}
     for split in dict.fromkeys([*(PROTOCOLS[p][0] for p in protocols), NONMEMBER_SPLIT]):
         stream = reader.stream(split, int(acfg["batch_size"]), shuffle=False)
-        parts = gather_object([score_split(scorer, stream, names, state.device, autocast)])
+        parts = gather_object([score_split(scorer, stream, names, state.device, autocast,
+                                           show=f"audit: score {split}" if state.is_main_process else None)])
         scored[split] = gather_split([columns for columns, _ in parts], split)
         skipped[split] = sum((skips for _, skips in parts), Counter())
 
@@ -131,6 +133,7 @@ def _audit(cfg: Mapping[str, Any], run_dir: str, requested: list[str], state: Pa
         report = {
             "format": REPORT_FORMAT,
             "tool_version": __version__,
+            "provenance": collect_provenance(),  # this audit's command, versions, git, host, time
             "audited": describe(inputs),
             "ledger": inputs.ledger is not None,
             "members_rule": "exposure ledger > 0 (consumed by training); non-members: ledger == 0"
@@ -166,7 +169,7 @@ def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: Mapping[str, A
         history = train_passive(model, head, reader.stream("members", batch, shuffle=True),
                                 reader.stream("external", external_batch, shuffle=True), int(pcfg["epochs"]),
                                 float(pcfg["lr"]), int(acfg["seed"]), state.device, autocast,
-                                partial(_reduce_sum, state.device), state.num_processes)
+                                partial(_reduce_sum, state.device), state.num_processes, show=state.is_main_process)
         heads.append(head)
         names.append("passive")
     elif pcfg["enabled"]:

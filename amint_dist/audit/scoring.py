@@ -16,6 +16,7 @@ from torch import nn
 
 from amint_dist.audit.baselines import BASELINES
 from amint_dist.data.pipeline import ShardedSplitStream, make_loader
+from amint_dist.progress import progress
 
 Scored = dict[str, np.ndarray]  # column -> one entry per sample; "key", "index", "label", "correct", methods
 ID_COLUMNS = ("key", "index", "label", "correct")
@@ -24,32 +25,35 @@ EMPTY = {"index": np.int64, "label": np.int64, "correct": bool}  # dtype of a co
 
 @torch.no_grad()
 def score_split(model: nn.Module, stream: ShardedSplitStream, head_names: Sequence[str], device: torch.device,
-                autocast: Callable[[], AbstractContextManager]) -> tuple[Scored, Counter]:
+                autocast: Callable[[], AbstractContextManager], show: str | None = None) -> tuple[Scored, Counter]:
     """Score this rank's share of a split; return its columns and skipped samples per reason.
 
-    ``model`` returns (task logits, MINT logits [B] or [B, len(head_names)] or None).
+    ``model`` returns (task logits, MINT logits [B] or [B, len(head_names)] or None). ``show``: the label of a
+    progress bar over the batches (rank 0), none when ``None``.
     """
     columns: dict[str, list] = {name: [] for name in (*ID_COLUMNS, *BASELINES, *head_names)}
     skipped: Counter = Counter()
     model.eval()
-    for batch in make_loader(stream):
-        skipped.update(reason for _, reason in batch["skipped"])
-        valid = batch["valid"]
-        if not valid.any():
-            continue
-        with autocast():
-            logits, mint = model(batch["image"][valid].to(device))
-        logits, labels = logits.float().cpu(), batch["label"][valid]
-        columns["key"].extend(k for k, v in zip(batch["key"], valid.tolist()) if v)
-        columns["index"].append(batch["index"][valid].numpy())
-        columns["label"].append(labels.numpy())
-        columns["correct"].append((logits.argmax(1) == labels).numpy())
-        for name, fn in BASELINES.items():
-            columns[name].append(fn(logits, labels))
-        if head_names:
-            probs = torch.sigmoid(mint.double().cpu().reshape(len(labels), -1))
-            for i, name in enumerate(head_names):
-                columns[name].append(probs[:, i].numpy())
+    with progress(make_loader(stream), desc=show or "", total=len(stream), unit="batch",
+                  enabled=show is not None) as bar:
+        for batch in bar:
+            skipped.update(reason for _, reason in batch["skipped"])
+            valid = batch["valid"]
+            if not valid.any():
+                continue
+            with autocast():
+                logits, mint = model(batch["image"][valid].to(device))
+            logits, labels = logits.float().cpu(), batch["label"][valid]
+            columns["key"].extend(k for k, v in zip(batch["key"], valid.tolist()) if v)
+            columns["index"].append(batch["index"][valid].numpy())
+            columns["label"].append(labels.numpy())
+            columns["correct"].append((logits.argmax(1) == labels).numpy())
+            for name, fn in BASELINES.items():
+                columns[name].append(fn(logits, labels))
+            if head_names:
+                probs = torch.sigmoid(mint.double().cpu().reshape(len(labels), -1))
+                for i, name in enumerate(head_names):
+                    columns[name].append(probs[:, i].numpy())
     return {name: _stack(name, values) for name, values in columns.items()}, skipped
 
 

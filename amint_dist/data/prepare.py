@@ -28,6 +28,7 @@ from amint_dist.data.shards import plan_shards, write_shard
 from amint_dist.data.sources import Record, Skip, make_source
 from amint_dist.data.splits import HASH_RULE, SPLITS, hash_unit, split_of, validate_fractions
 from amint_dist.io import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
+from amint_dist.progress import progress
 
 log = logging.getLogger(__name__)
 DATASET_FORMAT = "amint-dist-dataset/1"
@@ -103,7 +104,7 @@ def _check_root(root: Path, overwrite: bool) -> None:
 def _scan(source, workers: int) -> tuple[list[Record], list[Skip]]:
     records: list[Record] = []
     skipped: list[Skip] = []
-    for result in _parallel(_scan_unit, source.units(), source, workers):
+    for result in _parallel(_scan_unit, source.units(), source, workers, "prepare: scan", "part"):
         records.extend(result.records)
         skipped.extend(result.skipped)
     skipped.sort(key=lambda s: (s.key, s.file, s.reason))  # splits.json independent of source order
@@ -155,7 +156,7 @@ def _write_splits(staging: Path, by_split: Mapping[str, list[Record]], source, w
     for s in SPLITS:
         (staging / s).mkdir()
     flat = [job for s in SPLITS for job in jobs[s]]
-    written = iter(_parallel(_write_job, flat, source, workers))
+    written = iter(_parallel(_write_job, flat, source, workers, "prepare: write", "shard"))
     manifest_shards = {s: [next(written) for _ in jobs[s]] for s in SPLITS}
     return {s: _write_split_files(staging / s, s, by_split[s], manifest_shards[s]) for s in SPLITS}
 
@@ -225,13 +226,15 @@ def _write_job(job):
     return write_shard(_worker_source, job)
 
 
-def _parallel(fn: Callable, items: list, source, workers: int) -> list:
-    """Map ``fn`` over ``items`` in order, in ``workers`` forked processes sharing ``source``."""
+def _parallel(fn: Callable, items: list, source, workers: int, desc: str, unit: str) -> list:
+    """Map ``fn`` over ``items`` in order, in ``workers`` forked processes sharing ``source``; a progress bar."""
     if workers == 1 or len(items) <= 1:
         _init_worker(source)
-        return [fn(item) for item in items]
+        with progress(items, desc=desc, unit=unit) as bar:
+            return [fn(item) for item in bar]
     with mp.get_context("fork").Pool(min(workers, len(items)), initializer=_init_worker, initargs=(source,)) as pool:
-        return pool.map(fn, items, chunksize=1)
+        with progress(pool.imap(fn, items, chunksize=1), desc=desc, total=len(items), unit=unit) as bar:
+            return list(bar)
 
 
 def load_manifest(root: str | Path) -> dict:

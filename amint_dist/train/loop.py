@@ -23,6 +23,7 @@ from amint_dist.dist import main_process_holds, make_accelerator, reduce_sum, sh
 from amint_dist.io import atomic_write_text, sha256_file
 from amint_dist.models import build_auditable_model
 from amint_dist.run_dir import claim_run_dir
+from amint_dist.provenance import write_provenance
 from amint_dist.tb import Monitor
 from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.batches import CyclingBatches, combine, skipped_entries
@@ -83,6 +84,7 @@ def _train(cfg: Mapping[str, Any], held: ExitStack) -> Path:
     if accelerator.is_main_process:
         if not (run_dir / "config.yaml").exists():
             atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
+        write_provenance(run_dir, None if resumed is None else state.step)  # command, versions, git, host, time
         if resumed is None:
             trail.start(run_dir / "config.yaml", accelerator.num_processes)
         else:
