@@ -27,7 +27,7 @@ from test_distributed import launcher, start
 from test_train import read_trace
 from train_helpers import REPO, assert_same_ledger, load_npz, run_train, train_command
 
-from amint_dist.config_checks import ConfigError, check_dataset_fit
+from amint_dist.config import ConfigError
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
 from amint_dist.data.sources import sanitize_key
 from amint_dist.io import sha256_file
@@ -35,6 +35,7 @@ from amint_dist.records.signing import Verifier
 from amint_dist.records.trail import TRAIL_NAME
 from amint_dist.records.verification import verify_run
 from amint_dist.train.checkpoint import latest_checkpoint
+from amint_dist.train.streams import check_dataset_fit
 
 EPOCHS = 2
 COMMON = (f"train.epochs={EPOCHS}", "optim.warmup_epochs=0.5", "optim.lr=3e-3", "mint.head.dropout=0",
@@ -406,9 +407,12 @@ def test_overrides_may_force_existing_keys_and_add_timm_arguments():
 
 
 def test_ranks_times_workers_beyond_shards_is_refused(train_root):
+    from amint_dist.cli import run_cli
+    from amint_dist.train.config import JobConfig
+
     manifest = json.loads((train_root / "splits.json").read_text())
-    cfg = {"train": {"batch_size": 8, "grad_accum": 1, "probe_batch_size": "auto"}, "data": {"workers": 2},
-           "mint": {"mode": "active", "external_ratio": 1.0}}
+    cfg = run_cli(str(REPO / "configs"), "train", JobConfig.from_dict,
+                  argv=["train.batch_size=8", "data.workers=2", "mint.external_ratio=1.0"])
     check_dataset_fit(cfg, manifest, world=2)  # 4 readers: every split has >= 6 shards
     with pytest.raises(ConfigError, match=r"data.workers=2: split 'probe' has 6 shards but 4 rank\(s\) x 2"):
         check_dataset_fit(cfg, manifest, world=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,3 +57,52 @@ def test_ledger_counts_valid_rows_and_round_trips(tmp_path):
     np.testing.assert_array_equal(back.counts["members"], ledger.counts["members"])
     with pytest.raises(ValueError, match="members"):
         ExposureLedger.load(tmp_path / "l.npz", {"members": 6, "external": 3})
+
+
+@pytest.fixture
+def fresh_accelerate(monkeypatch):
+    """No launcher precision unless a test sets one; Accelerate's process-wide state reset around the test."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    AcceleratorState._reset_state(True)
+    yield monkeypatch
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("launcher, setting, expected", [
+    (None, "auto", "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"),
+    ("no", "auto", "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"),
+    ("bf16", "auto", "bf16"),  # accelerate launch --mixed_precision bf16 (or the accelerate config file)
+    ("fp16", "auto", "fp16"),
+    ("bf16", "bf16", "bf16"),  # the same value: no conflict
+    (None, "fp16", "fp16"),  # explicit, nothing from Accelerate
+    ("no", "bf16", "bf16"),  # 'no' is the launcher's default: no setting of its own
+])
+def test_precision_auto_takes_accelerates_setting(fresh_accelerate, launcher, setting, expected):
+    from amint_dist.train.accelerator import resolve_precision
+
+    if launcher:
+        fresh_accelerate.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    assert resolve_precision(setting) == expected
+
+
+def test_precision_contradicting_accelerate_is_refused_in_one_line(fresh_accelerate):
+    from amint_dist.config import ConfigError
+    from amint_dist.train.accelerator import resolve_precision
+
+    fresh_accelerate.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match=r"^train.precision='fp16': accelerate launch set mixed_precision bf16") as e:
+        resolve_precision("fp16")
+    assert "\n" not in str(e.value)
+
+
+def test_accelerate_launch_bf16_gives_a_bf16_accelerator_and_deepspeed_autocast(fresh_accelerate):
+    from amint_dist.train.accelerator import deepspeed_config, make_accelerator, resolve_precision
+    from amint_dist.train.config import OptimConfig, TrainConfig
+
+    fresh_accelerate.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert make_accelerator(TrainConfig(precision="auto"), OptimConfig()).mixed_precision == "bf16"
+    ds = deepspeed_config(TrainConfig(), OptimConfig(), resolve_precision("auto"),
+                          Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json")
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["bf16"]["enabled"]
