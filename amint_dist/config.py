@@ -66,8 +66,13 @@ class Config:
 
 
 def help_lines(cls: type[Config]) -> list[str]:
-    """``section.field: help`` per field (for a --help)."""
-    return [f"{cls._dotted(f.name)}: {f.metadata.get('help', '')}" for f in dataclasses.fields(cls)]
+    """``section.field: help`` per field, nested configs' fields in place of theirs (for a --help)."""
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        nested = [h for h in (hints[f.name], *typing.get_args(hints[f.name])) if isinstance(h, type) and issubclass(h, Config)]
+        lines += help_lines(nested[0]) if nested else [f"{cls._dotted(f.name)}: {f.metadata.get('help', '')}"]
+    return lines
 
 
 def _checked(key: str, value: Any, hint: Any, meta: Mapping[str, Any]) -> Any:
@@ -101,7 +106,7 @@ def _convert(value: Any, hint: Any, bounds: tuple) -> tuple[Any, str | None]:
         ok = isinstance(value, int) and not isinstance(value, bool) and _within(value, bounds)
         return (value, None) if ok else (None, _expected("integer", bounds))
     if hint is float:
-        x = _as_number(value)
+        x = as_number(value)
         ok = x is not None and math.isfinite(x) and _within(x, bounds)
         return (x, None) if ok else (None, _expected("number", bounds))
     if hint is str:
@@ -120,7 +125,7 @@ def _convert(value: Any, hint: Any, bounds: tuple) -> tuple[Any, str | None]:
     raise TypeError(f"no config check for type {hint!r}")
 
 
-def _as_number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     """ints, floats and numeric strings (YAML 1.1 reads ``1e-3`` as a string); None for anything else."""
     if isinstance(value, bool):
         return None

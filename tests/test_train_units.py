@@ -106,3 +106,27 @@ def test_accelerate_launch_bf16_gives_a_bf16_accelerator_and_deepspeed_autocast(
     ds = deepspeed_config(TrainConfig(), OptimConfig(), resolve_precision("auto"),
                           Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json")
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["bf16"]["enabled"]
+
+
+def test_typed_config_names_the_dotted_key_in_one_line():
+    from amint_dist.config import ConfigError, help_lines
+    from amint_dist.train.config import JobConfig
+
+    good = {"model": {"name": "resnet18", "img_size": 32}, "mint": {"mode": "off"}, "data": {}, "optim": {},
+            "train": {}}
+    config = JobConfig.from_dict(good)
+    assert config.train.precision == "auto" and config.optim.betas == (0.9, 0.999) and not config.mint.on
+    for bad, message in [
+        ({"train": {"epochs": "3"}}, "train.epochs='3': expected a positive integer"),
+        ({"optim": {"betas": [0.9]}}, "optim.betas=[0.9]: expected 2 values, each a number >= 0 and < 1"),
+        ({"mint": {"mode": "active", "head": {"kind": "conv", "width": 3}, "taps": "middle"}},
+         "mint.head: unknown key(s) width; valid keys: channels, dropout, grid, hidden, kind"),
+        ({"data": {"fractions": {"members": 2}}}, "data.fractions={'members': 2}: split fraction members=2.0"),
+        ({"model": {"name": "resnet18", "img_size": 32, "in_chans": 2}}, "model.in_chans=2: expected one of [1, 3]"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            JobConfig.from_dict({**good, **bad})
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    lines = help_lines(JobConfig)
+    assert "train.precision: auto: Accelerate's mixed_precision if set, else bf16 on GPUs that have it, else no" in lines
+    assert any(line.startswith("mint.head.kind: ") for line in lines) and not any(line.startswith("mint.head: ") for line in lines)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from amint_dist.config import Config, ConfigError, _as_number, option
+from amint_dist.config import Config, ConfigError, as_number, option
 from amint_dist.data.images import DEFAULT_MAX_PIXELS
 from amint_dist.data.splits import validate_fractions
 
@@ -37,7 +37,7 @@ class DataConfig(Config):
     augment: dict = option({}, help="timm create_transform(is_training=True) options; empty: no augmentation")
 
     def __post_init__(self) -> None:
-        bad = next((f"{k}={v!r}" for k, v in self.fractions.items() if _as_number(v) is None), None)
+        bad = next((f"{k}={v!r}" for k, v in self.fractions.items() if as_number(v) is None), None)
         if bad:
             raise self.error("fractions", f"{bad} is not a number")
         try:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from accelerate.utils import gather_object
 
 from amint_dist.records.ledger import ExposureLedger
 from amint_dist.tb import Monitor
+from amint_dist.train.batches import skipped_entries
+from amint_dist.train.losses import LossParts
 from amint_dist.train.skips import SkipBudget
 from amint_dist.train.state import TrainState
 from amint_dist.train.stats import StepStats
@@ -25,10 +27,15 @@ class Reporter:
         self.window, self.epoch_stats = StepStats(), StepStats()
         self.pending_skips: list[tuple[str, str]] = []  # this rank's skipped samples not yet merged
 
-    def add(self, *args, **kwargs) -> None:
-        """One micro-step's statistics (``StepStats.add``'s arguments) into the window and the epoch."""
+    def add(self, batch: dict, logits: torch.Tensor, mint_logit: torch.Tensor | None, losses: LossParts,
+            data_wait: float, step_time: float) -> None:
+        """One micro-step's statistics into the window and the epoch."""
         for stats in (self.window, self.epoch_stats):
-            stats.add(*args, **kwargs)
+            stats.add(batch, logits, mint_logit, losses, data_wait=data_wait, step_time=step_time)
+
+    def note_skips(self, parts: Mapping[str, dict]) -> None:
+        """The samples this rank's readers skipped since their previous batches (merged at the next log)."""
+        self.pending_skips.extend(skipped_entries(parts))
 
     def log_window(self, state: TrainState, ledger: ExposureLedger, lr: float) -> dict[str, float]:
         """TensorBoard points of the window since the last; returns the rank-summed summary."""

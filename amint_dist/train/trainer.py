@@ -20,7 +20,7 @@ from tqdm import tqdm
 from amint_dist.data.pipeline import ShardedSplitStream, make_loader
 from amint_dist.dist import reduce_sum
 from amint_dist.records.trail import AuditTrail
-from amint_dist.train.batches import CyclingBatches, combine, skipped_entries
+from amint_dist.train.batches import CyclingBatches, combine
 from amint_dist.train.checkpoint import load_rank_state, save_checkpoint
 from amint_dist.train.config import JobConfig
 from amint_dist.train.exposure import ExposureRecorder
@@ -91,7 +91,7 @@ class Trainer:
         batch = combine(parts, self.accelerator.device, self.memory_format)
         logits, mint_logit, losses = self._forward_backward(batch)
         self.exposure.record(self.state.step, parts)
-        self.reporter.pending_skips.extend(skipped_entries(parts))
+        self.reporter.note_skips(parts)
         self.reporter.add(batch, logits.detach(), None if mint_logit is None else mint_logit.detach(), losses,
                           data_wait=data_wait, step_time=data_wait + time.perf_counter() - started)
         stepped = self.accelerator.sync_gradients
