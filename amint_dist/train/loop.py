@@ -71,9 +71,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
         reporter = Reporter(monitor, SkipBudget.for_dataset(config.data.max_skip_fraction, manifest),
                             partial(reduce_sum, accelerator), accelerator.num_processes)
         trainer = Trainer(config, accelerator, model, optimizer, streams, state, ExposureRecorder(ledger, trace),
-                          reporter, run_dir, memory_format=memory_format, trail=trail)
-        if resumed is not None:
-            trainer.resumed_from(resumed)
+                          reporter, run_dir, memory_format=memory_format, trail=trail, resumed_from=resumed)
         trainer.fit()
         save_final_model(accelerator, model, run_dir, model_cfg, config.mint, data_config, config.data.root, manifest)
         _finish(trainer)

@@ -48,7 +48,10 @@ class Trainer:
     def __init__(self, config: JobConfig, accelerator: Accelerator, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, streams: Mapping[str, ShardedSplitStream], state: TrainState,
                  exposure: ExposureRecorder, reporter: Reporter, run_dir: Path, *,
-                 memory_format: torch.memory_format = torch.contiguous_format, trail: AuditTrail | None = None):
+                 memory_format: torch.memory_format = torch.contiguous_format, trail: AuditTrail | None = None,
+                 resumed_from: Path | None = None):
+        """``resumed_from``: the checkpoint ``state`` was loaded from (its position counts as saved; this rank's
+        running statistics continue from it)."""
         self.config, self.accelerator, self.model, self.optimizer = config, accelerator, model, optimizer
         self.streams, self.state, self.exposure, self.reporter = streams, state, exposure, reporter
         self.run_dir, self.memory_format, self.trail = run_dir, memory_format, trail
@@ -66,6 +69,9 @@ class Trainer:
         self.ckpt_due = False  # a step checkpoint is due (deferred past the epoch's end when the step ends it)
         self.saved_at: tuple[int, int, int] | None = None  # position of the last checkpoint written or loaded
         self.last_checkpoint: str | None = None
+        if resumed_from is not None:
+            self.saved_at, self.last_checkpoint = self._position(), resumed_from.name
+            reporter.load_rank_state(load_rank_state(resumed_from, accelerator.process_index))
 
     # ---- one micro-step ----
 
@@ -200,11 +206,6 @@ class Trainer:
             self.checkpoint()
 
     # ---- checkpoints ----
-
-    def resumed_from(self, path: Path) -> None:
-        """Continue from checkpoint ``path``: its position and this rank's running statistics."""
-        self.saved_at, self.last_checkpoint = self._position(), path.name
-        self.reporter.load_rank_state(load_rank_state(path, self.accelerator.process_index))
 
     def checkpoint(self) -> None:
         """Save the position (unless saved already): every rank's share, recorded in the audit trail."""
