@@ -1,31 +1,24 @@
-"""Accelerate/DeepSpeed glue: one Accelerator per run, CPU fallbacks, a shared run dir, rank agreement checks.
+"""Accelerate/DeepSpeed glue: CPU fallbacks, the launched world, a shared run dir, rank agreement checks.
 
 ``accelerate launch --config_file configs/accelerate/X.yaml`` decides the engine (single process, DDP,
 DeepSpeed ZeRO-2/3) and the world; this module makes the same configs work on a machine without CUDA
-(gloo, DeepSpeed's CPU accelerator) and fills the DeepSpeed config from the Hydra config, which owns
-batch size, accumulation, clipping and precision.
+(gloo, DeepSpeed's CPU accelerator). Training's Accelerator is built in ``amint_dist.train.accelerator``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, broadcast_object_list, gather_object
-
-REPO = Path(__file__).resolve().parents[1]
-# DeepSpeed config keys the Hydra config owns (train.batch_size, train.grad_accum, optim.clip_grad, train.precision)
-DS_OWNED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
-                 "gradient_clipping", "bf16", "fp16", "torch_autocast")
+from accelerate.utils import broadcast_object_list, gather_object
 
 
 def cpu_only() -> bool:
@@ -49,96 +42,12 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def resolve_precision(precision: str) -> str:
-    """``auto`` -> bf16 where the GPU supports it, else full precision (CPU autocast is slow)."""
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def make_accelerator(train_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any]) -> Accelerator:
-    """The run's single Accelerator; refuses a world smaller than the launcher started."""
-    precision = resolve_precision(str(train_cfg["precision"]))
-    kwargs: dict[str, Any] = {}
-    no_cuda = cpu_only()
-    if under_deepspeed():
-        kwargs["deepspeed_plugin"] = deepspeed_plugin(deepspeed_config(train_cfg, optim_cfg, precision))
-        if no_cuda:  # Accelerate picks no backend on CPU unless told: every rank would think it is alone
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    elif no_cuda and launched_world() > 1:
-        kwargs["cpu"] = True  # Accelerate's multi-CPU DDP over gloo
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=int(train_cfg["grad_accum"]),
-                              **kwargs)
-    check_world(accelerator)
-    return accelerator
-
-
 def check_world(accelerator: Accelerator | PartialState) -> None:
     """Fail loudly when ranks were launched but Accelerate formed a smaller world (each rank training alone)."""
     if accelerator.num_processes != launched_world():
         raise RuntimeError(f"the launcher started WORLD_SIZE={launched_world()} processes but Accelerate sees "
                            f"{accelerator.num_processes} ({accelerator.distributed_type}); refusing to train "
                            "unsynchronised copies")
-
-
-def deepspeed_config_path() -> Path:
-    """The JSON named by the accelerate config (relative paths: from the working dir, else the repo)."""
-    name = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    if name == "none":
-        raise ValueError("DeepSpeed launch without deepspeed_config_file: use configs/accelerate/deepspeed_zero*.yaml")
-    path = Path(name)
-    return path if path.is_absolute() or path.exists() else REPO / path
-
-
-def deepspeed_config(train_cfg: Mapping[str, Any], optim_cfg: Mapping[str, Any], precision: str,
-                     path: Path | None = None) -> dict:
-    """The DeepSpeed config: the JSON's ZeRO settings plus the numbers the Hydra config owns; no ``auto``.
-
-    ``train_micro_batch_size_per_gpu`` counts member rows (``train.batch_size``): a micro-batch forward also
-    carries probe and external rows, but DeepSpeed uses the number only for ``train_batch_size`` bookkeeping
-    and throughput logs; the loss is normalised by the loop. Clipping is DeepSpeed's (``engine.step``), since
-    ``accelerator.clip_grad_norm_`` does nothing under DeepSpeed. bf16 is DeepSpeed's ``torch_autocast``:
-    fp32 weights (as under DDP), bf16 matmuls, so checkpoints and the final weights stay fp32.
-    """
-    path = path or deepspeed_config_path()
-    cfg = json.loads(Path(path).read_text())
-    autos = [key for key, value in _leaves(cfg) if value == "auto"]
-    if autos:
-        raise ValueError(f"{path}: 'auto' needs a HF model config; give numbers for {', '.join(autos)}")
-    owned = [k for k in DS_OWNED_KEYS if k in cfg]
-    if owned:
-        raise ValueError(f"{path} sets {', '.join(owned)}: these come from train.batch_size, train.grad_accum, "
-                         "optim.clip_grad and train.precision; remove them from the JSON")
-    if precision == "fp16":
-        raise ValueError("train.precision=fp16 under DeepSpeed is not supported here: use bf16 or no")
-    zero = cfg.setdefault("zero_optimization", {})
-    if int(zero.get("stage", 0)) == 3:
-        if zero.get("stage3_gather_16bit_weights_on_model_save") is False:
-            raise ValueError(f"{path}: ZeRO-3 needs stage3_gather_16bit_weights_on_model_save: true "
-                             "(model.safetensors is consolidated from the shards)")
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
-    cfg.update({
-        "train_micro_batch_size_per_gpu": int(train_cfg["batch_size"]),
-        "gradient_accumulation_steps": int(train_cfg["grad_accum"]),
-        "gradient_clipping": float(optim_cfg["clip_grad"]),
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "torch_autocast": {"enabled": precision == "bf16", "dtype": "bfloat16"},
-    })
-    return cfg
-
-
-def deepspeed_plugin(config: dict) -> DeepSpeedPlugin:
-    """Plugin from a complete config; no ``zero.Init`` (timm builds the model; DeepSpeed partitions it)."""
-    return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)
-
-
-def _leaves(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def shared_run_dir(accelerator: Accelerator, run_dir: str | None, root: str = "runs") -> Path:

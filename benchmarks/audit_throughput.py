@@ -58,11 +58,11 @@ def bench_model(name: str, args) -> dict:
     cfg = compose_cfg(overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    audited = build_auditable_model(cfg["model"], {k: cfg["mint"][k] for k in ("mode", "taps", "head")}).eval()
+    audited = build_auditable_model(cfg.model, cfg.mint).eval()
     scorer = AuditableModel(audited.backbone, StackedHeads([audited.mint_head, copy.deepcopy(audited.mint_head)]),
                             audited.taps, "passive").to(device).eval()
     names = ["amint", "passive"]
-    shape = (3, int(cfg["model"]["img_size"]), int(cfg["model"]["img_size"]))
+    shape = (cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
     stream = MemoryStream(make_batches(args.batches, args.batch_size, shape, num_classes, torch.Generator().manual_seed(0)))
     samples = args.batches * args.batch_size
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -92,10 +92,10 @@ def bench_model(name: str, args) -> dict:
     result = alternate(sides, args.rounds)
     return {
         "model": name,
-        "timm_name": cfg["model"]["name"],
+        "timm_name": cfg.model.name,
         "img_size": shape[1],
         "heads": names,
-        "head": cfg["mint"]["head"],
+        "head": cfg.mint.head.record(),
         "batch_size": args.batch_size,
         "samples_per_block": samples,
         "device": str(device),

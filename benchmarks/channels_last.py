@@ -1,6 +1,6 @@
 """aMINT training steps of CNN backbones in NCHW vs NHWC (``train.channels_last``), alternated in one process.
 
-Both sides are the real ``_Loop._micro_step`` of train_throughput.py (the default experiment's MINT head on
+Both sides are the real ``Trainer.step`` of train_throughput.py (the default experiment's MINT head on
 the ``middle`` taps preset, its batch, synthetic in-memory rows) on the same backbone; one side with
 ``train.channels_last=false``, the other ``true``. The ratio decides ``train.channels_last: auto`` (docs/performance.md).
 
@@ -17,7 +17,7 @@ import torch
 
 import train_throughput as tt
 from _record import alternate, record, set_threads
-from amint_dist.dist import make_accelerator
+from amint_dist.train.accelerator import make_accelerator
 
 
 def bench(name: str, args) -> dict:
@@ -26,7 +26,7 @@ def bench(name: str, args) -> dict:
     sides, cfg = {}, None
     for label, flag in (("nchw", "false"), ("nhwc", "true")):
         cfg = tt.compose_cfg([*overrides, f"train.channels_last={flag}"])
-        accelerator = make_accelerator(cfg["train"], cfg["optim"])
+        accelerator = make_accelerator(cfg.train, cfg.optim)
         sizes = tt.step_sizes(cfg, tt.DIGITS_SIZES)
         shape = (3, args.img_size, args.img_size)
         steps = tt.synthetic_batches(sizes, tt.DIGITS_SIZES, shape, 10, 4, torch.Generator().manual_seed(0))
@@ -36,7 +36,7 @@ def bench(name: str, args) -> dict:
         sides[label] = lambda b=block: b(args.steps)
     result = alternate(sides, args.rounds)
     return {"model": name, "img_size": args.img_size, "members_batch": args.batch_size,
-            "mint": {k: cfg["mint"][k] for k in ("taps", "head")}, "device": str(accelerator.device), **result,
+            "mint": {"taps": cfg.mint.taps, "head": cfg.mint.head.record()}, "device": str(accelerator.device), **result,
             "ratio_nhwc_over_nchw": result["paired_ratio_to_nchw"]["nhwc"]}
 
 

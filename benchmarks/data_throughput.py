@@ -61,7 +61,7 @@ def generated_root(tmp: Path, n: int, size: int, maxcount: int) -> Path:
         (source / "done").write_text("ok")
     prepare_dataset({"kind": "imagefolder", "source": str(source), "root": str(root), "seed": 0,
                      "fractions": {"members": 0.4, "probe": 0.1, "external": 0.25, "heldout": 0.25},
-                     "shard_maxcount": maxcount, "shard_maxsize": 10**9, "workers": 2})
+                     "shard_maxcount": maxcount, "shard_maxsize": 10**9, "prepare_workers": 2})
     return root
 
 
@@ -71,7 +71,7 @@ def fresh_digits_root(tmp: Path) -> Path:
     if not (root / "splits.json").is_file():
         prepare_dataset({"kind": "digits", "root": str(root), "seed": 0,
                          "fractions": {"members": 0.40, "probe": 0.10, "external": 0.25, "heldout": 0.25},
-                         "shard_maxcount": 32, "shard_maxsize": 10**9, "workers": 2})
+                         "shard_maxcount": 32, "shard_maxsize": 10**9, "prepare_workers": 2})
     return root
 
 
@@ -136,7 +136,7 @@ def bench_root(name: str, root: Path, args) -> dict:
     transform_cfg = {"crop_pct": 1.0, "interpolation": "bilinear"} if name == "digits" else {}
     backbone = create_backbone("vit_tiny_patch16_224", num_classes=10, img_size=img_size,
                                kwargs={"patch_size": 4, "embed_dim": 96, "depth": 1, "num_heads": 3})
-    data_config = data_config_for(backbone, img_size, transform_cfg)
+    data_config = data_config_for(backbone, img_size, transform_cfg=transform_cfg)
     transform = make_transform(data_config, None)
     shape = tuple(data_config["input_size"])
     order = epoch_shard_order(len(shards.urls), 0, 0)

@@ -3,7 +3,7 @@
 Update: ``ExposureLedger.record`` for one step's member, probe and external batches (the loop calls it once
 per split per micro-step), on a ledger of --samples samples (ImageNet-1k: 1.28M, split like
 configs/data/*.yaml), timed over many steps with random indices. Step time: the median of real
-``_Loop._micro_step`` calls of the default configuration (vit_digits, configs/train/default.yaml batch)
+``Trainer.step`` calls of the default configuration (vit_digits, configs/train/default.yaml batch)
 measured in this process (see train_throughput.py). Memory: the ledger's arrays (bytes per rank), the
 Python allocations of building it (tracemalloc), the transient peak of ``summed`` + ``save`` (the end of
 training) and the size of the saved ``ledger.npz`` after a realistic number of epochs.
@@ -37,7 +37,7 @@ def split_sizes(samples: int) -> dict[str, int]:
 
 
 def step_batches(sizes: dict[str, int], members_batch: int, gen: torch.Generator) -> dict[str, tuple]:
-    """(index, valid) per split for one step, sized like loop._make_streams (probe 'auto', external 1:1)."""
+    """(index, valid) per split for one step, sized like training's streams (probe 'auto', external 1:1)."""
     rows = {"members": members_batch, "probe": max(1, round(members_batch * sizes["probe"] / sizes["members"])),
             "external": members_batch}
     out = {}
@@ -67,17 +67,17 @@ def default_step_seconds(steps: int) -> float:
     import train_throughput as tt
 
     cfg = tt.compose_cfg(["model.num_classes=10"])
-    accelerator = tt.make_accelerator(cfg["train"], cfg["optim"])
+    accelerator = tt.make_accelerator(cfg.train, cfg.optim)
     sizes = tt.step_sizes(cfg, tt.DIGITS_SIZES)
-    shape = (3, int(cfg["model"]["img_size"]), int(cfg["model"]["img_size"]))
+    shape = (cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
     inputs = tt.synthetic_batches(sizes, tt.DIGITS_SIZES, shape, 10, 4, torch.Generator().manual_seed(0))
     tmp = Path(tempfile.mkdtemp(prefix="amint_ledger_"))
-    _, loop = tt.make_amint_side(cfg, accelerator, inputs, tt.DIGITS_SIZES, tmp, lambda: None)
-    members = itertools.cycle([s["members"] for s in inputs])
+    _, trainer = tt.make_amint_side(cfg, accelerator, inputs, tt.DIGITS_SIZES, tmp, lambda: None)
+    steps_in = itertools.cycle(inputs)
     times = []
     for i in range(steps + 2):
         t = time.perf_counter()
-        loop._micro_step(members)
+        trainer.step(next(steps_in))
         if i >= 2:  # the first steps set the loss normalisers
             times.append(time.perf_counter() - t)
     return statistics.median(times)

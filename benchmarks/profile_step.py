@@ -39,9 +39,9 @@ def main() -> None:
     if args.model == "vit_small":
         overrides += [f"model.img_size={args.small_img_size}", f"train.batch_size={tt.CPU_BATCH['vit_small']}"]
     cfg = tt.compose_cfg(overrides)
-    accelerator = tt.make_accelerator(cfg["train"], cfg["optim"])
+    accelerator = tt.make_accelerator(cfg.train, cfg.optim)
     sizes = tt.step_sizes(cfg, split_sizes)
-    shape = (3, int(cfg["model"]["img_size"]), int(cfg["model"]["img_size"]))
+    shape = (cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
     steps = tt.synthetic_batches(sizes, split_sizes, shape, num_classes, 4, torch.Generator().manual_seed(0))
     tmp = Path(tempfile.mkdtemp(prefix="amint_profile_"))
     amint, _ = tt.make_amint_side(cfg, accelerator, steps, split_sizes, tmp, lambda: None, before=args.before)

@@ -98,7 +98,7 @@ def prepare(pattern: str, root: Path, args) -> dict:
     cfg = {"kind": "wds", "source": pattern, "root": str(root), "seed": 0,
            "fractions": {"members": 0.40, "probe": 0.10, "external": 0.25, "heldout": 0.25},
            "image_field": "png", "label_field": "cls", "num_classes": 10,
-           "shard_maxcount": args.shard_maxcount, "shard_maxsize": 10**9, "workers": args.workers}
+           "shard_maxcount": args.shard_maxcount, "shard_maxsize": 10**9, "prepare_workers": args.workers}
     shutil.rmtree(root, ignore_errors=True)
     cmd = [sys.executable, __file__, "--_prepare-child", json.dumps(cfg)] + (["--tracemalloc"] if args.tracemalloc else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
@@ -153,7 +153,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=IMAGENET_TRAIN, help="samples (default: ImageNet-1k train)")
     p.add_argument("--source-shard", type=int, default=1000, help="samples per source tar")
     p.add_argument("--shard-maxcount", type=int, default=1000, help="data.shard_maxcount of the prepared root")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data.workers for prepare")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data.prepare_workers")
     p.add_argument("--epochs", type=int, default=3, help="ledger epochs simulated")
     p.add_argument("--batch", type=int, default=128, help="members per ledger update step")
     p.add_argument("--tracemalloc", action="store_true")

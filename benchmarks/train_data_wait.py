@@ -46,7 +46,7 @@ def export_revision(ref: str, tmp: Path) -> Path:
 def run_training(workers: int, args, run_dir: Path, code: Path = REPO) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [sys.executable, str(code / "launch" / "train.py"), f"run.dir={run_dir}", f"data.root={args.data_root}",
-           f"data.workers={workers}", f"train.epochs={args.epochs}", "audit=false", "train.ckpt_every_epochs=0",
+           f"data.workers={workers}", f"train.epochs={args.epochs}", "run.audit=false", "train.ckpt_every_epochs=0",
            *args.override]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     if code != REPO:  # that revision's amint_dist before the installed (editable) one

@@ -1,6 +1,6 @@
 """aMINT training vs a plain timm training loop: samples/s, alternated A/B/A/B in one process.
 
-aMINT side: the real ``amint_dist.train.loop._Loop._micro_step`` (combine, AuditableModel forward with taps
+aMINT side: the real ``amint_dist.train.trainer.Trainer.step`` (shifted negatives, combine, AuditableModel forward with taps
 and MINT head, task + MINT losses, Accelerate backward/clip/step, exposure ledger, step statistics) on
 member + probe + external batches of the configured sizes. Plain side: the same timm backbone (built by
 the same factory, same seed) trained on the very same rows with cross-entropy, the same AdamW parameter
@@ -29,15 +29,19 @@ from hydra import compose, initialize_config_dir
 
 from _record import REPO, alternate, record, set_threads, verdict
 from amint_dist.cli import to_dict
-from amint_dist.dist import make_accelerator
+from amint_dist.train.accelerator import make_accelerator
 from amint_dist.models import build_auditable_model
 from amint_dist.models.auditable import create_backbone
-from amint_dist.tb import Monitor
-from amint_dist.train import loop as loop_module
 from amint_dist.records.ledger import ExposureLedger
-from amint_dist.train.loop import MODEL_MINT_KEYS
+from amint_dist.tb import Monitor
+from amint_dist.train.config import JobConfig
+from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.optim import make_optimizer
+from amint_dist.train.reporting import Reporter
+from amint_dist.train.skips import SkipBudget
 from amint_dist.train.state import TrainState
+from amint_dist.train.streams import read_batches
+from amint_dist.train.trainer import Trainer
 
 # split sizes of the ledger (ImageNet-1k-like for the bigger models; the digits root's for the default)
 DIGITS_SIZES = {"members": 784, "probe": 174, "external": 451, "heldout": 388}
@@ -53,13 +57,13 @@ MODELS = {
 CPU_BATCH = {"vit_small": 32}  # members per step on CPU (the recipe's 128 per GPU is minutes per step here)
 
 
-def compose_cfg(overrides: list[str]) -> dict:
+def compose_cfg(overrides: list[str]) -> JobConfig:
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        return to_dict(compose("train", overrides=overrides))
+        return JobConfig.from_dict(to_dict(compose("train", overrides=overrides)))
 
 
 class _FakeStream:
-    """What ``_Loop.__init__`` asks of the member stream (its epoch length); no data behind it."""
+    """What ``Trainer.__init__`` asks of a stream (its epoch length); no data behind it."""
 
     def __init__(self, batches: int):
         self.readers, self._batches = 1, batches
@@ -69,20 +73,6 @@ class _FakeStream:
 
     def __len__(self) -> int:
         return self._batches
-
-
-class _Cycle:
-    """Stands in for CyclingBatches: endless prepared batches, a cursor like the real one."""
-
-    def __init__(self, batches: list[dict]):
-        self._it, self.position = itertools.cycle(batches), 0
-
-    def next(self) -> dict:
-        self.position += 1
-        return next(self._it)
-
-    def cursor(self) -> list[int]:
-        return [0, self.position]
 
 
 def synthetic_batches(sizes: dict[str, int], split_sizes: dict[str, int], image_shape, num_classes: int,
@@ -114,34 +104,27 @@ def _joined(batches: list[dict], split_size: int) -> dict:
     return out
 
 
-def step_sizes(cfg: dict, split_sizes: dict[str, int]) -> dict[str, int]:
-    """Rows per split per step, as ``loop._make_streams`` sizes them."""
-    batch = int(cfg["train"]["batch_size"])
-    sizes = {"members": batch, "external": max(1, round(batch * float(cfg["mint"]["external_ratio"])))}
-    pb = cfg["train"].get("probe_batch_size", "auto")
-    sizes["probe"] = round(batch * split_sizes["probe"] / split_sizes["members"]) if pb == "auto" else int(pb)
-    return {s: sizes[s] for s in ("members", "probe", "external") if sizes[s] > 0}
+def step_sizes(cfg: JobConfig, split_sizes: dict[str, int]) -> dict[str, int]:
+    """Rows per split per step, as training sizes them (``train.streams.read_batches``)."""
+    return {s: n for s, n in read_batches(cfg, split_sizes).items() if n > 0}
 
 
-def shifted_parts(cfg: dict) -> list[str]:
-    """Splits whose shifted copies the loop adds as extra MINT negatives (mint.member_shift / external_shift)."""
-    if cfg["mint"]["mode"] == "off":
-        return []
-    keys = {"members": "member_shift", "external": "external_shift"}  # as _Loop.shifts reads them
-    return [split for split, key in keys.items() if int(cfg["mint"].get(key, 0))]
+def shifted_parts(cfg: JobConfig) -> list[str]:
+    """Splits whose shifted copies the trainer adds as extra MINT negatives (mint.member_shift / external_shift)."""
+    return list(cfg.mint.shifts())
 
 
-def forward_rows(cfg: dict, parts: dict[str, dict]) -> int:
+def forward_rows(cfg: JobConfig, parts: dict[str, dict]) -> int:
     """Rows one aMINT micro-step forwards: every part's rows plus the shifted copies."""
     return sum(len(b["label"]) for b in parts.values()) + sum(len(parts[s]["label"]) for s in shifted_parts(cfg) if s in parts)
 
 
-def optimizer_for(groups, cfg: dict, before: bool) -> torch.optim.Optimizer:
-    """The loop's optimizer (amint_dist.train.optim), or with ``before`` the one the loop built before the
+def optimizer_for(groups, cfg: JobConfig, before: bool) -> torch.optim.Optimizer:
+    """The trainer's optimizer (amint_dist.train.optim), or with ``before`` the one the loop built before the
     performance work (torch's default AdamW kernels)."""
     if before:
-        return torch.optim.AdamW(groups, lr=float(cfg["optim"]["lr"]), betas=tuple(cfg["optim"]["betas"]))
-    return make_optimizer(groups, cfg["optim"])
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+    return make_optimizer(groups, cfg.optim)
 
 
 def as_before(model) -> None:
@@ -151,48 +134,47 @@ def as_before(model) -> None:
             module.__class__ = torch.nn.AdaptiveAvgPool2d
 
 
-def make_amint_side(cfg, accelerator, steps, split_sizes, run_dir: Path, sync, before: bool = False,
+def make_amint_side(cfg: JobConfig, accelerator, steps, split_sizes, run_dir: Path, sync, before: bool = False,
                     compiled: bool = False):
-    """A _Loop over prepared batches; returns the timed-block callable and the loop."""
-    model_cfg = {**cfg["model"]}
+    """A Trainer stepping through prepared batches; returns the timed-block callable and the trainer."""
     torch.manual_seed(0)
-    model = build_auditable_model(model_cfg, {k: cfg["mint"][k] for k in MODEL_MINT_KEYS if k in cfg["mint"]})
+    model = build_auditable_model(cfg.model, cfg.mint)
     if before:
         as_before(model)
-    memory_format = model.memory_format(cfg["train"]["channels_last"], accelerator.device)  # as loop.train
+    memory_format = model.memory_format(cfg.train.channels_last, accelerator.device)  # as training does
     model = model.to(memory_format=memory_format)
-    optimizer = optimizer_for(model.param_groups(float(cfg["optim"]["weight_decay"])), cfg, before)
+    optimizer = optimizer_for(model.param_groups(cfg.optim.weight_decay), cfg, before)
     if compiled:
-        model.compile()  # as loop.train does for train.compile=true
+        model.compile()  # as training does for train.compile=true
     model, optimizer = accelerator.prepare(model, optimizer)
     streams = {s: _FakeStream(10**6) for s in steps[0]}
-    loop = loop_module._Loop(cfg, accelerator, model, optimizer, streams, TrainState(), ExposureLedger(split_sizes),
-                             Monitor(run_dir, False))
-    loop.cycling = {s: _Cycle([step[s] for step in steps]) for s in steps[0] if s != "members"}
-    loop.memory_format = memory_format
-    members = itertools.cycle([step["members"] for step in steps])
+    reporter = Reporter(Monitor(run_dir, False), SkipBudget(1.0), lambda t: t, 1)
+    trainer = Trainer(cfg, accelerator, model, optimizer, streams, TrainState(),
+                      ExposureRecorder(ExposureLedger(split_sizes)), reporter, run_dir, memory_format=memory_format)
+    inputs = itertools.cycle(steps)
     rows = forward_rows(cfg, steps[0])
 
     def block(n_steps: int) -> int:
         for _ in range(n_steps):
-            loop._micro_step(members)
+            trainer.step(next(inputs))
         sync()
         return rows * n_steps
 
-    return block, loop
+    return block, trainer
 
 
 def make_plain_side(cfg, accelerator, steps, sync, before: bool = False, compiled: bool = False):
     """timm backbone, cross-entropy on the same rows, same optimizer groups, clipping and Accelerator."""
     torch.manual_seed(0)
-    model = create_backbone(**cfg["model"])
+    model = create_backbone(cfg.model.name, cfg.model.num_classes, cfg.model.img_size, cfg.model.in_chans,
+                            cfg.model.kwargs)
     from timm.optim import param_groups_weight_decay
 
-    groups = param_groups_weight_decay(model, float(cfg["optim"]["weight_decay"]),
+    groups = param_groups_weight_decay(model, cfg.optim.weight_decay,
                                        no_weight_decay_list=getattr(model, "no_weight_decay", set)())
     optimizer = optimizer_for(groups, cfg, before)
     if compiled:
-        model.compile()  # as loop.train does for train.compile=true
+        model.compile()  # as training does for train.compile=true
     model, optimizer = accelerator.prepare(model, optimizer)
     extra = shifted_parts(cfg)  # the plain loop forwards as many rows as the aMINT step (copies stand in)
     inputs = [(torch.cat([b["image"] for b in st.values()] + [st[x]["image"] for x in extra if x in st]),
@@ -200,9 +182,7 @@ def make_plain_side(cfg, accelerator, steps, sync, before: bool = False, compile
     if torch.cuda.is_available():
         inputs = [(images.pin_memory(), labels.pin_memory()) for images, labels in inputs]
     cycle = itertools.cycle(inputs)
-    clip = float(cfg["optim"]["clip_grad"])
-    smoothing = float(cfg["train"]["label_smoothing"])
-    lr = float(cfg["optim"]["lr"])
+    clip, smoothing, lr = cfg.optim.clip_grad, cfg.train.label_smoothing, cfg.optim.lr
 
     def block(n_steps: int) -> int:
         rows = 0
@@ -252,10 +232,10 @@ def bench_model(name: str, args, accelerator_cache: dict) -> dict:
     cfg = compose_cfg(overrides)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if "acc" not in accelerator_cache:
-        accelerator_cache["acc"] = make_accelerator(cfg["train"], cfg["optim"])
+        accelerator_cache["acc"] = make_accelerator(cfg.train, cfg.optim)
     accelerator = accelerator_cache["acc"]
     sizes = step_sizes(cfg, split_sizes)
-    image_shape = (int(cfg["model"].get("in_chans", 3)), int(cfg["model"]["img_size"]), int(cfg["model"]["img_size"]))
+    image_shape = (cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
     steps = synthetic_batches(sizes, split_sizes, image_shape, num_classes, 4, torch.Generator().manual_seed(0))
     if cuda:  # as the training loaders deliver them on CUDA (pin_memory)
         steps = [{s: {**b, "image": b["image"].pin_memory(), "label": b["label"].pin_memory()} for s, b in st.items()}
@@ -263,7 +243,7 @@ def bench_model(name: str, args, accelerator_cache: dict) -> dict:
     run_dir = Path(args.tmp) / name
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    amint, amint_loop = make_amint_side(cfg, accelerator, steps, split_sizes, run_dir, sync)
+    amint, amint_trainer = make_amint_side(cfg, accelerator, steps, split_sizes, run_dir, sync)
     plain = make_plain_side(cfg, accelerator, steps, sync)
     sides = {"plain": plain, "amint": amint}
     if args.decompose:  # the loop without the MINT head, on as many rows (external rows stand in for the
@@ -283,14 +263,15 @@ def bench_model(name: str, args, accelerator_cache: dict) -> dict:
     result = alternate({k: (lambda b=b: b(args.steps)) for k, b in sides.items()}, args.rounds)
     target = verdict(result, "plain", "amint", 0.95, "amint_over_plain")
     ratio = target["ratio_amint_over_plain"]
-    ledger_total = sum(amint_loop.ledger.total().values())
-    flops = forward_flops(accelerator.unwrap_model(amint_loop.model), steps[0]["members"]["image"].to(accelerator.device))
+    ledger_total = sum(amint_trainer.exposure.ledger.total().values())
+    flops = forward_flops(accelerator.unwrap_model(amint_trainer.model), steps[0]["members"]["image"].to(accelerator.device))
     rows, samples = forward_rows(cfg, steps[0]), sum(sizes.values())
     return {
         "model": name,
-        "timm_name": cfg["model"]["name"],
-        "img_size": int(cfg["model"]["img_size"]),
-        "mint": {k: cfg["mint"][k] for k in ("mode", "taps", "head", "member_shift", "external_shift")},
+        "timm_name": cfg.model.name,
+        "img_size": cfg.model.img_size,
+        "mint": {**cfg.mint.model_record(), "member_shift": cfg.mint.member_shift,
+                 "external_shift": cfg.mint.external_shift},
         "dataset_rows_per_step": sizes,
         "forward_rows_per_step": rows,
         "batch_note": "both sides forward the same rows: members + probe + external, plus the shifted copies "

@@ -16,7 +16,7 @@ def main(cfg: dict) -> None:
     run_dir = train(cfg)
     if PartialState().is_main_process:
         print(f"run finished: {run_dir}")
-    if cfg["audit"]:  # configs/audit.yaml's defaults, on this run and the dataset root it was trained on
+    if cfg["run"]["audit"]:  # configs/audit.yaml's defaults, on this run and the dataset root it was trained on
         report = run_audit(audit_config(CONFIGS, run_dir))
         if PartialState().is_main_process:
             print(f"audit report: {report}")

@@ -44,7 +44,7 @@ def run_one(name: str, overrides: list[str], out: Path, extra: list[str]) -> Pat
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         with open(out / f"{name}.log", "w") as log:
             for cmd in ([sys.executable, str(REPO / "launch" / "train.py"), f"run.dir={run_dir}", *overrides, *extra,
-                         "audit=false"],
+                         "run.audit=false"],
                         [sys.executable, str(REPO / "launch" / "audit.py"), f"run.dir={run_dir}",
                          "audit.passive.enabled=false"]):
                 subprocess.run(cmd, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)

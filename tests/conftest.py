@@ -32,7 +32,7 @@ def prep_cfg(kind: str, root: Path, **overrides) -> dict:
         "fractions": {"members": 0.4, "probe": 0.1, "external": 0.25, "heldout": 0.25},
         "shard_maxcount": 16,
         "shard_maxsize": 10**9,
-        "workers": 1,
+        "prepare_workers": 1,
     }
     cfg.update(overrides)
     return cfg
@@ -88,7 +88,7 @@ def digits_root(tmp_path_factory) -> Path:
     from amint_dist.data.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("digits") / "root"
-    prepare_dataset(prep_cfg("digits", root, shard_maxcount=DIGITS_SPLIT_SHARDS, workers=2))
+    prepare_dataset(prep_cfg("digits", root, shard_maxcount=DIGITS_SPLIT_SHARDS, prepare_workers=2))
     return root
 
 
@@ -98,5 +98,5 @@ def train_root(tmp_path_factory) -> Path:
     from amint_dist.data.prepare import prepare_dataset
 
     root = tmp_path_factory.mktemp("train_digits") / "root"
-    prepare_dataset(prep_cfg("digits", root, shard_maxcount=32, workers=2))
+    prepare_dataset(prep_cfg("digits", root, shard_maxcount=32, prepare_workers=2))
     return root

@@ -98,7 +98,7 @@ def test_protocols_are_independent_of_row_order_and_need_no_ledger():
 def audited_run(tmp_path_factory, train_root) -> tuple[Path, str]:
     """Two epochs of the tiny model; launch/train.py audits it (audit=true, configs/audit.yaml defaults)."""
     run_dir = tmp_path_factory.mktemp("audit_runs") / "run"
-    proc = run_train(run_dir, train_root, "train.epochs=2", "audit=true")
+    proc = run_train(run_dir, train_root, "train.epochs=2", "run.audit=true")
     return run_dir, proc.stdout
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from train_helpers import REPO
 
-from amint_dist.config_checks import ConfigError, check_dataset_fit
+from amint_dist.config import ConfigError
+from amint_dist.train.streams import check_dataset_fit
 
 
 @pytest.mark.parametrize("override, key", [
@@ -73,9 +74,12 @@ def test_overrides_may_force_existing_keys_and_add_timm_arguments():
 
 
 def test_ranks_times_workers_beyond_shards_is_refused(train_root):
+    from amint_dist.cli import run_cli
+    from amint_dist.train.config import JobConfig
+
     manifest = json.loads((train_root / "splits.json").read_text())
-    cfg = {"train": {"batch_size": 8, "grad_accum": 1, "probe_batch_size": "auto"}, "data": {"workers": 2},
-           "mint": {"mode": "active", "external_ratio": 1.0}}
+    cfg = run_cli(str(REPO / "configs"), "train", JobConfig.from_dict,
+                  argv=["train.batch_size=8", "data.workers=2", "mint.external_ratio=1.0"])
     check_dataset_fit(cfg, manifest, world=2)  # 4 readers: every split has >= 6 shards
     with pytest.raises(ConfigError, match=r"data.workers=2: split 'probe' has 6 shards but 4 rank\(s\) x 2"):
         check_dataset_fit(cfg, manifest, world=4)

@@ -77,7 +77,7 @@ def test_digits_root_is_complete_and_consistent(digits_root):
 
 def test_same_seed_reproduces_the_root_byte_for_byte(digits_root, tmp_path):
     """Another root, one writer process instead of two: identical key lists, shards and splits.json."""
-    prepare_dataset(prep_cfg("digits", tmp_path / "again", shard_maxcount=64, workers=1))
+    prepare_dataset(prep_cfg("digits", tmp_path / "again", shard_maxcount=64, prepare_workers=1))
     assert root_files(tmp_path / "again") == root_files(digits_root)
     other = prepare_dataset(prep_cfg("digits", tmp_path / "seed1", seed=1, shard_maxcount=64))
     assert (tmp_path / "seed1/members/keys.txt").read_bytes() != (digits_root / "members/keys.txt").read_bytes()
@@ -196,7 +196,7 @@ def test_imagefolder_round_trip(tmp_path):
     """A nested 3-class JPEG tree: every image once, key from its path, label from its class folder,
     bytes copied verbatim, classes recorded."""
     expected = write_image_tree(tmp_path / "src", classes=3, per_class=20)
-    manifest = prepare_dataset(prep_cfg("imagefolder", tmp_path / "root", source=str(tmp_path / "src"), workers=2))
+    manifest = prepare_dataset(prep_cfg("imagefolder", tmp_path / "root", source=str(tmp_path / "src"), prepare_workers=2))
     check_manifest(tmp_path / "root")
     assert manifest["classes"] == ["class0", "class1", "class2"] and manifest["total"] == 60
     seen = {}
@@ -216,7 +216,7 @@ def test_wds_round_trip_with_configured_fields(tmp_path):
                for i, s in enumerate(wds_samples(40))]
     pattern = write_wds_source(tmp_path / "src", samples, per_shard=15)
     manifest = prepare_dataset(prep_cfg("wds", tmp_path / "root", source=pattern, image_field="webp;png",
-                                        label_field="label", num_classes=5, workers=2))
+                                        label_field="label", num_classes=5, prepare_workers=2))
     check_manifest(tmp_path / "root")
     assert manifest["total"] == 40 and manifest["classes"] == [str(c) for c in range(5)]
     by_key = {s["__key__"].replace("/", "__"): s for s in samples}
@@ -248,7 +248,7 @@ def test_source_order_does_not_matter(tmp_path):
     for attempt, (shuffle, across, workers) in enumerate([(None, False, 1), (11, False, 2), (12, True, 2)]):
         pattern = write_wds_source(tmp_path / "src", samples, per_shard=30, shuffle_seed=shuffle, across=across)
         roots.append(tmp_path / f"root{attempt}")
-        prepare_dataset(prep_cfg("wds", roots[-1], source=pattern, workers=workers, shard_maxcount=7))
+        prepare_dataset(prep_cfg("wds", roots[-1], source=pattern, prepare_workers=workers, shard_maxcount=7))
     files = [root_files(r) for r in roots]
     assert files[0] == files[1]
     manifests = [json.loads(f.pop("splits.json")) for f in files]
@@ -295,7 +295,7 @@ def test_bad_sources_fail_with_one_clear_line(tmp_path):
     pattern = write_wds_source(tmp_path / "src", wds_samples(4), per_shard=2)
     missing = pattern.replace("{000..001}", "{000..002}")
     one_line_error(FileNotFoundError, prep_cfg("wds", tmp_path / "r", source=missing), tmp_path / "src/src-002.tar")
-    one_line_error(ValueError, prep_cfg("lmdb", tmp_path / "r"), "unknown data source kind 'lmdb'")
+    one_line_error(ValueError, prep_cfg("lmdb", tmp_path / "r"), "data.kind='lmdb': expected one of")
     one_line_error(ValueError, prep_cfg("digits", tmp_path / "r", fractions={"members": 0.5, "probe": 0.6}),
                    "sum to 1")
     one_line_error(ValueError, prep_cfg("digits", tmp_path / "r", shard_maxcount=0), "positive")
@@ -310,7 +310,7 @@ def test_duplicate_keys_are_refused(tmp_path):
     write_wds_source(tmp_path / "a", wds_samples(5), per_shard=5)
     write_wds_source(tmp_path / "b", wds_samples(3), per_shard=3)
     pattern = str(tmp_path / "{a,b}/src-000.tar")
-    one_line_error(ValueError, prep_cfg("wds", tmp_path / "r", source=pattern, workers=2),
+    one_line_error(ValueError, prep_cfg("wds", tmp_path / "r", source=pattern, prepare_workers=2),
                    "duplicate key 'train__n00_00000'", tmp_path / "a/src-000.tar", tmp_path / "b/src-000.tar")
 
 

@@ -27,9 +27,11 @@ from accelerate.utils import set_seed
 from hydra import compose, initialize_config_dir
 
 from amint_dist.cli import to_dict
-from amint_dist.dist import check_world, deepspeed_config
-from amint_dist.models import build_auditable_model
+from amint_dist.dist import check_world
+from amint_dist.models import model_from_record
+from amint_dist.train.accelerator import deepspeed_config
 from amint_dist.train.checkpoint import latest_checkpoint
+from amint_dist.train.config import OptimConfig, TrainConfig
 from train_helpers import ENV, REPO, assert_same_ledger, free_port, load_npz, run_train, train_command
 
 pytestmark = pytest.mark.slow
@@ -41,8 +43,8 @@ COMMON = (f"train.epochs={EPOCHS}", "optim.warmup_epochs=0.5", "optim.lr=3e-3", 
 _RUNS: dict[str, Path] = {}  # engine -> killed-and-resumed run dir, shared by the tests of this module
 
 
-TRAIN = {"batch_size": 24, "grad_accum": 3}
-OPTIM = {"clip_grad": 0.5}
+TRAIN = TrainConfig(batch_size=24, grad_accum=3)
+OPTIM = OptimConfig(clip_grad=0.5)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "deepspeed").glob("*.json")))
@@ -220,7 +222,7 @@ def test_loss_falls(resumed, two_machines):
 def model_and_weights(run_dir: Path):
     config = json.loads((run_dir / "model_config.json").read_text())
     set_seed(0)  # train.seed: the initial weights of the run
-    return build_auditable_model(config["model"], config["mint"]), safetensors.torch.load_file(run_dir / "model.safetensors")
+    return model_from_record(config), safetensors.torch.load_file(run_dir / "model.safetensors")
 
 
 def test_final_weights_load_exactly_and_match_the_ddp_reference(resumed, two_machines):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from amint_dist.models import AuditableModel, build_auditable_model, resolve_taps
+from amint_dist.models import AuditableModel, model_from_record, resolve_taps
 from amint_dist.models.auditable import create_backbone
 
 NUM_CLASSES = 5
@@ -46,7 +46,7 @@ def model_cfg(family: str) -> dict:
 
 def build(family: str, mode: str = "active", taps="middle", kind: str = "conv", **head) -> AuditableModel:
     torch.manual_seed(0)
-    return build_auditable_model(model_cfg(family), dict(mode=mode, taps=taps, head=dict(kind=kind, **head)))
+    return model_from_record({"model": model_cfg(family), "mint": dict(mode=mode, taps=taps, head=dict(kind=kind, **head))})
 
 
 def images(batch: int = 4) -> torch.Tensor:
@@ -179,7 +179,7 @@ def test_token_head_reads_vit_prefix_tokens():
 def test_accepts_dictconfig():
     mint = {"mode": "active", "taps": [0, -1], "head": {"kind": "mlp", "hidden": 16}}
     cfg = OmegaConf.create({"model": model_cfg("vit"), "mint": mint})
-    model = build_auditable_model(cfg.model, cfg.mint)
+    model = model_from_record(cfg)
     assert model.taps == [0, 3]
     assert model.mint_head.classifier.fc1.out_features == 16
 
@@ -222,8 +222,8 @@ def test_bad_taps_raise(taps, message):
 @pytest.mark.parametrize(
     ("model_update", "mint", "message"),
     [
-        ({}, dict(mode="active", taps="entry", head=dict(kind="attn")), "kind 'attn'; valid kinds: conv, mlp, token"),
-        ({}, dict(mode="semi", taps="entry", head=dict(kind="conv")), "mint.mode: unknown mode 'semi'"),
+        ({}, dict(mode="active", taps="entry", head=dict(kind="attn")), "mint.head.kind='attn': expected one of"),
+        ({}, dict(mode="semi", taps="entry", head=dict(kind="conv")), "mint.mode='semi': expected one of"),
         ({}, dict(mode="active", taps="entry", head=dict(kind="conv", width=3)), r"mint.head: unknown key\(s\) width"),
         ({}, dict(mode="active", tap="entry", head=dict(kind="conv")), r"mint: unknown key\(s\) tap"),
         ({}, dict(mode="active", head=dict(kind="conv")), "needs both 'taps' and 'head'"),
@@ -234,7 +234,7 @@ def test_bad_taps_raise(taps, message):
 )
 def test_bad_config_raises(model_update, mint, message):
     with pytest.raises(ValueError, match=message):
-        build_auditable_model({**model_cfg("resnet"), **model_update}, mint)
+        model_from_record({"model": {**model_cfg("resnet"), **model_update}, "mint": mint})
 
 
 @pytest.mark.parametrize("family, setting, device, expected", [

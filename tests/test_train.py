@@ -103,6 +103,23 @@ def test_other_mint_modes_train(tmp_path, train_root, mode):
     assert ledger["members"].sum() == 4 * 32
 
 
+def test_grayscale_model_reads_grayscale_in_training_and_audit(tmp_path, train_root):
+    """model.in_chans=1 end to end: 1-channel inputs (images converted to L, one mean/std) in training, in
+    model_config.json and in the audit's reader."""
+    from amint_dist.audit.run import audit_config, run_audit
+
+    run_dir = tmp_path / "gray"
+    run_train(run_dir, train_root, "model.in_chans=1", "train.max_steps=2")
+    model_config = json.loads((run_dir / "model_config.json").read_text())
+    assert model_config["model"]["in_chans"] == 1
+    assert model_config["data_config"]["input_size"][0] == 1 and len(model_config["data_config"]["mean"]) == 1
+    cfg = audit_config(REPO / "configs", run_dir)
+    cfg["audit"].update({"protocols": ["seen"], "workers": 0, "n_boot": 20,
+                         "passive": {**cfg["audit"]["passive"], "enabled": False}})
+    report = json.loads((run_audit(cfg).parent / "report.json").read_text())
+    assert report["scored"]["members"]["n"] > 0
+
+
 @pytest.mark.parametrize("overrides, culprit", [
     (["mint.head.kind=transformer"], "transformer"),
     (["model.name=vit_nonexistent_patch99"], "vit_nonexistent_patch99"),

@@ -13,7 +13,7 @@ import pytest
 import torch
 from reliability_helpers import png, to_tensor, write_split
 
-from amint_dist.config_checks import ConfigError, check_dataset_fit, read_batches
+from amint_dist.config import ConfigError
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
 from amint_dist.records.ledger import ExposureLedger
 from amint_dist.train.batches import CyclingBatches, combine, skipped_entries
@@ -21,7 +21,9 @@ from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_los
 from amint_dist.train.negatives import shifted_batch
 from amint_dist.train.schedule import lr_at
 from amint_dist.train.skips import SkipBudget, SkipBudgetExceeded
+from amint_dist.train.config import JobConfig
 from amint_dist.train.stats import FIELDS, StepStats
+from amint_dist.train.streams import check_dataset_fit, read_batches
 
 
 def test_task_loss_ignores_masked_rows():
@@ -333,9 +335,11 @@ def test_step_stats_sums_round_trip_and_unknown_fields_are_ignored():
 COUNTS = {"members": 400, "probe": 100, "external": 200, "heldout": 200}
 
 
-def sizing_cfg(batch=8, grad_accum=1, probe="auto", workers=2, mode="active", external_ratio=0.5) -> dict:
-    return {"train": {"batch_size": batch, "grad_accum": grad_accum, "probe_batch_size": probe},
-            "data": {"workers": workers}, "mint": {"mode": mode, "external_ratio": external_ratio}}
+def sizing_cfg(batch=8, grad_accum=1, probe="auto", workers=2, mode="active", external_ratio=0.5) -> JobConfig:
+    return JobConfig.from_dict({
+        "train": {"batch_size": batch, "grad_accum": grad_accum, "probe_batch_size": probe},
+        "data": {"workers": workers}, "mint": {"mode": mode, "external_ratio": external_ratio},
+        "model": {"name": "resnet18", "img_size": 32}, "optim": {}})
 
 
 def sizing_manifest(shards: int = 8, counts: dict | None = None, **per_split: int) -> dict:
@@ -384,3 +388,76 @@ def test_an_auto_probe_batch_is_never_refused_for_its_size():
     check_dataset_fit(sizing_cfg(batch=3, workers=0, mode="off"), sizing_manifest(shards=133), world=133)
     with pytest.raises(ConfigError, match=r"train.probe_batch_size=1: 1 probe rows per rank x 133 rank\(s\)"):
         check_dataset_fit(sizing_cfg(batch=3, workers=0, mode="off", probe=1), sizing_manifest(shards=133), world=133)
+
+
+@pytest.fixture
+def fresh_accelerate(monkeypatch):
+    """No launcher precision unless a test sets one; Accelerate's process-wide state reset around the test."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    AcceleratorState._reset_state(True)
+    yield monkeypatch
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("launcher, setting, expected", [
+    (None, "auto", "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"),
+    ("no", "auto", "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"),
+    ("bf16", "auto", "bf16"),  # accelerate launch --mixed_precision bf16 (or the accelerate config file)
+    ("fp16", "auto", "fp16"),
+    ("bf16", "bf16", "bf16"),  # the same value: no conflict
+    (None, "fp16", "fp16"),  # explicit, nothing from Accelerate
+    ("no", "bf16", "bf16"),  # 'no' is the launcher's default: no setting of its own
+])
+def test_precision_auto_takes_accelerates_setting(fresh_accelerate, launcher, setting, expected):
+    from amint_dist.train.accelerator import resolve_precision
+
+    if launcher:
+        fresh_accelerate.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    assert resolve_precision(setting) == expected
+
+
+def test_precision_contradicting_accelerate_is_refused_in_one_line(fresh_accelerate):
+    from amint_dist.config import ConfigError
+    from amint_dist.train.accelerator import resolve_precision
+
+    fresh_accelerate.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match=r"^train.precision='fp16': accelerate launch set mixed_precision bf16") as e:
+        resolve_precision("fp16")
+    assert "\n" not in str(e.value)
+
+
+def test_accelerate_launch_bf16_gives_a_bf16_accelerator_and_deepspeed_autocast(fresh_accelerate):
+    from amint_dist.train.accelerator import deepspeed_config, make_accelerator, resolve_precision
+    from amint_dist.train.config import OptimConfig, TrainConfig
+
+    fresh_accelerate.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert make_accelerator(TrainConfig(precision="auto"), OptimConfig()).mixed_precision == "bf16"
+    ds = deepspeed_config(TrainConfig(), OptimConfig(), resolve_precision("auto"),
+                          Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json")
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["bf16"]["enabled"]
+
+
+def test_typed_config_names_the_dotted_key_in_one_line():
+    from amint_dist.config import ConfigError, help_lines
+    from amint_dist.train.config import JobConfig
+
+    good = {"model": {"name": "resnet18", "img_size": 32}, "mint": {"mode": "off"}, "data": {}, "optim": {},
+            "train": {}}
+    config = JobConfig.from_dict(good)
+    assert config.train.precision == "auto" and config.optim.betas == (0.9, 0.999) and not config.mint.on
+    for bad, message in [
+        ({"train": {"epochs": "3"}}, "train.epochs='3': expected a positive integer"),
+        ({"optim": {"betas": [0.9]}}, "optim.betas=[0.9]: expected 2 values, each a number >= 0 and < 1"),
+        ({"mint": {"mode": "active", "head": {"kind": "conv", "width": 3}, "taps": "middle"}},
+         "mint.head: unknown key(s) width; valid keys: channels, dropout, grid, hidden, kind"),
+        ({"data": {"fractions": {"members": 2}}}, "data.fractions={'members': 2}: split fraction members=2.0"),
+        ({"model": {"name": "resnet18", "img_size": 32, "in_chans": 2}}, "model.in_chans=2: expected one of [1, 3]"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            JobConfig.from_dict({**good, **bad})
+        assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    lines = help_lines(JobConfig)
+    assert "train.precision: auto: Accelerate's mixed_precision if set, else bf16 on GPUs that have it, else no" in lines
+    assert any(line.startswith("mint.head.kind: ") for line in lines) and not any(line.startswith("mint.head: ") for line in lines)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from amint_dist.audit import verify
 from amint_dist.data.prepare import load_manifest
 from amint_dist.io import read_json, sha256_file
-from amint_dist.models import AuditableModel, build_auditable_model
+from amint_dist.models import AuditableModel, model_from_record
 from amint_dist.records.signing import Verifier
 from amint_dist.records.trail import TrailError
 from amint_dist.records.verification import refusal, verify_run
@@ -44,7 +44,7 @@ class AuditInputs:
 
     def build_model(self) -> AuditableModel:
         """The audited model with its verified weights (strict load: any missing/extra tensor refuses)."""
-        model = build_auditable_model(self.model_config["model"], self.model_config["mint"])
+        model = model_from_record(self.model_config)
         state = safetensors.torch.load_file(str(self.run_dir / "model.safetensors"))
         try:
             model.load_state_dict(state, strict=True)

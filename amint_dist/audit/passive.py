@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from amint_dist.data.pipeline import ShardedSplitStream, make_loader
-from amint_dist.models import AuditableModel, build_auditable_model
+from amint_dist.models import AuditableModel, model_from_record
 from amint_dist.progress import progress
 from amint_dist.train.losses import mint_loss
 
@@ -27,7 +27,7 @@ def fresh_head(model_config: Mapping[str, Any], seed: int) -> nn.Module:
     """A newly initialised MINT head configured like the audited model's (same kind, taps, sizes)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_auditable_model(model_config["model"], {**model_config["mint"], "mode": "passive"}).mint_head
+        return model_from_record(model_config, mode="passive").mint_head
 
 
 def train_passive(audited: AuditableModel, head: nn.Module, members: ShardedSplitStream,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from torch import nn
 
 from amint_dist import __version__
 from amint_dist.audit.baselines import BASELINES
+from amint_dist.audit.config import AuditConfig
 from amint_dist.audit.inputs import AuditInputs, describe, load_inputs
 from amint_dist.audit.passive import fresh_head, train_passive
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
@@ -24,12 +25,11 @@ from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluat
                                      summary_notes, task_section, write_outputs)
 from amint_dist.audit.scoring import StackedHeads, gather_split, score_split
 from amint_dist.cli import to_dict
-from amint_dist.config_checks import AUDIT_RULES, check_values
 from amint_dist.data.images import DEFAULT_MAX_PIXELS
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards
 from amint_dist.data.transforms import data_config_for, make_transform
 from amint_dist.dist import check_world, cpu_only, launched_world, main_process_holds
-from amint_dist.models import AuditableModel
+from amint_dist.models import AuditableModel, ModelConfig
 from amint_dist.provenance import collect as collect_provenance
 from amint_dist.records.signing import Verifier
 from amint_dist.run_dir import RunDirLock
@@ -47,8 +47,9 @@ class _Reader:
     seed: int
 
     def __post_init__(self) -> None:
+        model = ModelConfig.from_dict(self.inputs.model_config["model"])
         data_config = self.inputs.model_config.get("data_config") or data_config_for(  # as in training, else timm's
-            self.model.backbone, int(self.inputs.model_config["model"]["img_size"]))
+            self.model.backbone, model.img_size, model.in_chans)
         self.transform = make_transform(data_config, None)  # eval transform: no augmentation
         self.image_shape = tuple(data_config["input_size"])
 
@@ -59,15 +60,6 @@ class _Reader:
         return ShardedSplitStream(shards, self.transform, self.image_shape, batch_size, rank=self.rank,
                                   world=self.world, workers=workers, seed=self.seed, shuffle=shuffle,
                                   max_pixels=max_pixels)
-
-
-def _protocols(names: list) -> list[str]:
-    """Requested protocols; a bare ``null`` (None to YAML and Hydra) means the null protocol."""
-    names = ["null" if n is None else str(n) for n in names]
-    unknown = sorted(set(names) - set(PROTOCOLS))
-    if unknown:
-        raise ValueError(f"audit.protocols: unknown {unknown}; valid: {list(PROTOCOLS)}")
-    return list(dict.fromkeys(names))
 
 
 def audit_config(config_dir: str | Path, run_dir: str | Path) -> dict:
@@ -87,46 +79,43 @@ def _process_state() -> PartialState:
 
 def run_audit(cfg: Mapping[str, Any]) -> Path:
     """Audit ``cfg.run.dir`` (optionally against ``cfg.data.root``); return the path of report.md on every rank."""
-    acfg = cfg["audit"]
     run_dir = (cfg.get("run") or {}).get("dir")
     if not run_dir:
         raise ValueError("run.dir is required: a training run dir, or a dir with model.safetensors + model_config.json")
-    check_values(cfg, AUDIT_RULES)
-    requested = _protocols(acfg["protocols"])
+    acfg = AuditConfig.from_dict(cfg["audit"])
     state = _process_state()
     with main_process_holds(state, lambda: RunDirLock(Path(run_dir), "audit").acquire()):  # one writer per run dir
-        return _audit(cfg, run_dir, requested, state)
+        return _audit(acfg, run_dir, (cfg.get("data") or {}).get("root"), state)
 
 
-def _audit(cfg: Mapping[str, Any], run_dir: str, requested: list[str], state: PartialState) -> Path:
+def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: PartialState) -> Path:
     """:func:`run_audit`, its run dir held by rank 0."""
-    acfg = cfg["audit"]
-    inputs = load_inputs(run_dir, (cfg.get("data") or {}).get("root"), state.process_index, state.num_processes,
-                         gather_object, Verifier.from_env(acfg.get("public_key")))
+    inputs = load_inputs(run_dir, data_root, state.process_index, state.num_processes,
+                         gather_object, Verifier.from_env(acfg.public_key))
     model = inputs.build_model().to(state.device)
-    reader = _Reader(inputs, model, state.process_index, state.num_processes, int(acfg["workers"]), int(acfg["seed"]))
-    autocast = partial(torch.autocast, state.device.type, dtype=torch.bfloat16, enabled=acfg["precision"] == "bf16")
+    reader = _Reader(inputs, model, state.process_index, state.num_processes, acfg.workers, acfg.seed)
+    autocast = partial(torch.autocast, state.device.type, dtype=torch.bfloat16, enabled=acfg.precision == "bf16")
     scorer, names, history, notes = _mint_heads(inputs, model, acfg, reader, state, autocast)
 
     counts = inputs.manifest["counts"]
-    protocols = [p for p in requested if counts[PROTOCOLS[p][0]] and counts[NONMEMBER_SPLIT]]
-    notes += [f"protocol {p} skipped: its splits are empty" for p in requested if p not in protocols]
+    protocols = [p for p in acfg.protocols if counts[PROTOCOLS[p][0]] and counts[NONMEMBER_SPLIT]]
+    notes += [f"protocol {p} skipped: its splits are empty" for p in acfg.protocols if p not in protocols]
     scored, skipped = {}, {}
     for split in dict.fromkeys([*(PROTOCOLS[p][0] for p in protocols), NONMEMBER_SPLIT]):
-        stream = reader.stream(split, int(acfg["batch_size"]), shuffle=False)
+        stream = reader.stream(split, acfg.batch_size, shuffle=False)
         parts = gather_object([score_split(scorer, stream, names, state.device, autocast,
                                            show=f"audit: score {split}" if state.is_main_process else None)])
         scored[split] = gather_split([columns for columns, _ in parts], split)
         skipped[split] = sum((skips for _, skips in parts), Counter())
 
-    out_dir = Path(acfg.get("out_dir") or Path(run_dir) / "audit")
+    out_dir = Path(acfg.out_dir or Path(run_dir) / "audit")
     if state.is_main_process:
         methods = [*names, *BASELINES]
-        samples = [build_protocol(p, scored, inputs.ledger, methods, int(acfg["seed"]),
-                                  float(acfg["calibration_fraction"])) for p in protocols]
+        samples = [build_protocol(p, scored, inputs.ledger, methods, acfg.seed, acfg.calibration_fraction)
+                   for p in protocols]
         results = {s.name: {"description": PROTOCOLS[s.name][1], "member_split": PROTOCOLS[s.name][0],
                             "nonmember_split": NONMEMBER_SPLIT, **s.counts,
-                            **evaluate_protocol(s, methods, int(acfg["n_boot"]), int(acfg["seed"]))} for s in samples}
+                            **evaluate_protocol(s, methods, acfg.n_boot, acfg.seed)} for s in samples}
         if inputs.ledger is None:
             notes.append("no exposure ledger (model trained elsewhere?): members are the whole members/probe "
                          "splits as prepared, not checked against what training consumed")
@@ -138,7 +127,7 @@ def _audit(cfg: Mapping[str, Any], run_dir: str, requested: list[str], state: Pa
             "ledger": inputs.ledger is not None,
             "members_rule": "exposure ledger > 0 (consumed by training); non-members: ledger == 0"
             if inputs.ledger is not None else "no ledger: members = the members/probe split as prepared",
-            "settings": {**{k: v for k, v in acfg.items() if k != "out_dir"}, "protocols": requested,
+            "settings": {**{k: v for k, v in asdict(acfg).items() if k != "out_dir"},
                          "world_size": state.num_processes},
             "methods": {m: METHOD_DESCRIPTIONS[m] for m in methods},
             "integrity": inputs.integrity,
@@ -153,7 +142,7 @@ def _audit(cfg: Mapping[str, Any], run_dir: str, requested: list[str], state: Pa
     return out_dir / "report.md"
 
 
-def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: Mapping[str, Any], reader: _Reader,
+def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: AuditConfig, reader: _Reader,
                 state: PartialState, autocast) -> tuple[nn.Module, list[str], list[dict], list[str]]:
     """The scoring model (backbone + every MINT head on one pass), head names, passive training log, notes."""
     if inputs.mint_mode == "off":
@@ -161,18 +150,18 @@ def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: Mapping[str, A
     notes = ["the model's head was trained passively (mint.mode=passive): 'amint' is a passive head"
              ] if inputs.mint_mode == "passive" else []
     heads, names, history = [model.mint_head], ["amint"], []
-    pcfg, counts = acfg["passive"], inputs.manifest["counts"]
-    if pcfg["enabled"] and counts["members"] and counts["external"]:
-        head = fresh_head(inputs.model_config, int(acfg["seed"]))
-        batch = int(pcfg["batch_size"])
+    pcfg, counts = acfg.passive, inputs.manifest["counts"]
+    if pcfg.enabled and counts["members"] and counts["external"]:
+        head = fresh_head(inputs.model_config, acfg.seed)
+        batch = pcfg.batch_size
         external_batch = max(1, round(batch * counts["external"] / counts["members"]))
         history = train_passive(model, head, reader.stream("members", batch, shuffle=True),
-                                reader.stream("external", external_batch, shuffle=True), int(pcfg["epochs"]),
-                                float(pcfg["lr"]), int(acfg["seed"]), state.device, autocast,
+                                reader.stream("external", external_batch, shuffle=True), pcfg.epochs,
+                                pcfg.lr, acfg.seed, state.device, autocast,
                                 partial(_reduce_sum, state.device), state.num_processes, show=state.is_main_process)
         heads.append(head)
         names.append("passive")
-    elif pcfg["enabled"]:
+    elif pcfg.enabled:
         notes.append("passive MINT skipped: the members or external split is empty")
     return AuditableModel(model.backbone, StackedHeads(heads), model.taps, "passive"), names, history, notes
 

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from amint_dist.io import sha256_file
-
-MODEL_MINT_KEYS = ("mode", "taps", "head")  # the mint keys save_final_model records
+from amint_dist.models.config import MODEL_MINT_KEYS
 
 
 class TamperedError(ValueError):

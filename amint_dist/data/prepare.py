@@ -22,35 +22,25 @@ from pathlib import Path
 from typing import Any
 
 from amint_dist import __version__
-from amint_dist.config_checks import check_data_config
-from amint_dist.data.images import DEFAULT_MAX_PIXELS
+from amint_dist.data.config import DataConfig
 from amint_dist.data.shards import plan_shards, write_shard
 from amint_dist.data.sources import Record, Skip, make_source
-from amint_dist.data.splits import HASH_RULE, SPLITS, hash_unit, split_of, validate_fractions
+from amint_dist.data.splits import HASH_RULE, SPLITS, hash_unit, split_of
 from amint_dist.io import atomic_write_json, atomic_write_text, fsync_dir, sha256_file
 from amint_dist.progress import progress
 
 log = logging.getLogger(__name__)
 DATASET_FORMAT = "amint-dist-dataset/1"
-PREPARE_KEYS = {"kind", "root", "seed", "fractions", "workers", "shard_maxcount", "shard_maxsize",
-                "source", "image_field", "label_field", "num_classes", "classes", "overwrite", "max_pixels"}
-
-READER_KEYS = {"transform", "augment", "shuffle_buffer", "max_skip_fraction"}  # used by training, not here
-
 _worker_source = None
 
 
-def prepare_dataset(cfg: Mapping[str, Any]) -> dict:
-    """Write the dataset root described by ``cfg`` (the ``data`` config group); return splits.json."""
-    unknown = set(cfg) - PREPARE_KEYS - READER_KEYS
-    if unknown:
-        raise ValueError(f"unknown data config key(s) for prepare: {sorted(unknown)}; valid: {sorted(PREPARE_KEYS)}")
-    check_data_config(cfg)
-    root = Path(str(cfg["root"]))
-    _check_root(root, bool(cfg.get("overwrite", False)))
-    fractions = validate_fractions(cfg["fractions"])
-    seed, workers = int(cfg["seed"]), max(1, int(cfg.get("workers", 1)))
-    maxcount, maxsize = int(cfg.get("shard_maxcount", 1000)), int(cfg.get("shard_maxsize", 1 << 30))
+def prepare_dataset(data: Mapping[str, Any] | DataConfig) -> dict:
+    """Write the dataset root described by ``data`` (the ``data`` config group); return splits.json."""
+    cfg = data if isinstance(data, DataConfig) else DataConfig.from_dict(data)
+    root = Path(cfg.root)
+    _check_root(root, cfg.overwrite)
+    seed, workers = cfg.seed, max(1, cfg.prepare_workers)
+    maxcount, maxsize = cfg.shard_maxcount, cfg.shard_maxsize
     source = make_source(cfg)
     started = time.time()
 
@@ -58,19 +48,19 @@ def prepare_dataset(cfg: Mapping[str, Any]) -> dict:
     if not records:
         raise ValueError(f"no usable samples in source {source.describe()} ({len(skipped)} skipped)")
     classes, empty_classes = _classes(source, records)
-    by_split = _assign(records, seed, fractions)
+    by_split = _assign(records, seed, cfg.fractions)
     with _staged(root) as staging:
         manifest = {
             "format": DATASET_FORMAT,
             "tool_version": __version__,
             "seed": seed,
-            "fractions": fractions,
+            "fractions": cfg.fractions,
             "hash_rule": HASH_RULE,
             "source": source.describe(),
             "classes": classes,
             "num_classes": len(classes),
             "empty_classes": empty_classes,
-            "max_pixels": int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS)),
+            "max_pixels": cfg.max_pixels,
             "counts": {s: len(by_split[s]) for s in SPLITS},
             "total": len(records),
             "shard_maxcount": maxcount,

@@ -10,7 +10,7 @@ import io
 import os
 import re
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -20,8 +20,8 @@ import braceexpand
 import numpy as np
 from PIL import Image
 
-from amint_dist.data.images import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageRefused, decode_image, image_files,
-                                    normalise_ext)
+from amint_dist.data.config import DataConfig
+from amint_dist.data.images import IMAGE_EXTENSIONS, ImageRefused, decode_image, image_files, normalise_ext
 
 MAX_INFERRED_CLASSES = 1_000_000  # without data.num_classes, a larger label is refused
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -78,7 +78,7 @@ class DigitsSource:
     kind = "digits"
     chunk = 256
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: DataConfig):
         self.classes = [str(c) for c in range(10)]
 
     def describe(self) -> dict:
@@ -126,12 +126,12 @@ class ImageFolderSource:
     kind = "imagefolder"
     chunk = 512
 
-    def __init__(self, cfg: Mapping[str, Any]):
-        self.root = _existing_dir(cfg.get("source"), "imagefolder source")
-        self.max_pixels = int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
+    def __init__(self, cfg: DataConfig):
+        self.root = _existing_dir(cfg.source, "imagefolder source")
+        self.max_pixels = cfg.max_pixels
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.declared = bool(cfg.get("classes"))
-        self.classes = list(cfg.get("classes") or folders)
+        self.declared = bool(cfg.classes)
+        self.classes = list(cfg.classes or folders)
         unknown = sorted(set(folders) - set(self.classes))
         if unknown:
             raise ValueError(f"unknown label: folder {self.root / unknown[0]} is not in data.classes")
@@ -182,19 +182,19 @@ class WdsSource:
 
     kind = "wds"
 
-    def __init__(self, cfg: Mapping[str, Any]):
-        pattern = cfg.get("source")
+    def __init__(self, cfg: DataConfig):
+        pattern = cfg.source
         if not pattern:
             raise ValueError("data.source must name the shards, e.g. '/data/train-{000000..000099}.tar'")
         self.urls = list(braceexpand.braceexpand(str(pattern)))
         missing = [u for u in self.urls if not os.path.isfile(u)]
         if missing:
             raise FileNotFoundError(f"wds source shard not found: {missing[0]} ({len(missing)} missing)")
-        self.image_fields = [normalise_ext(e) for e in str(cfg.get("image_field", "jpg")).split(";")]
-        self.label_field = str(cfg.get("label_field", "cls"))
-        self.num_classes = cfg.get("num_classes")
+        self.image_fields = [normalise_ext(e) for e in cfg.image_field.split(";")]
+        self.label_field = cfg.label_field
+        self.num_classes = cfg.num_classes
         self.classes = [str(c) for c in range(self.num_classes)] if self.num_classes else None
-        self.max_pixels = int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS))
+        self.max_pixels = cfg.max_pixels
         self.pattern = str(pattern)
 
     def describe(self) -> dict:
@@ -293,9 +293,6 @@ def _existing_dir(path: Any, what: str) -> Path:
 SOURCES = {"digits": DigitsSource, "imagefolder": ImageFolderSource, "wds": WdsSource}
 
 
-def make_source(cfg: Mapping[str, Any]):
-    """Build the source named by ``cfg['kind']``."""
-    kind = cfg.get("kind")
-    if kind not in SOURCES:
-        raise ValueError(f"unknown data source kind {kind!r}; valid: {sorted(SOURCES)}")
-    return SOURCES[kind](cfg)
+def make_source(cfg: DataConfig):
+    """Build the source named by ``data.kind``."""
+    return SOURCES[cfg.kind](cfg)

@@ -1,21 +1,19 @@
 """AuditableModel: a timm classifier and its MINT head as one module (one DeepSpeed engine)."""
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 import timm
 import torch
-from omegaconf import OmegaConf
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
+from .config import MintConfig, ModelConfig
 from .heads import build_head
 from .taps import resolve_taps
 
 MODES = ("active", "passive", "off")
-MODEL_KEYS = {"name", "num_classes", "in_chans", "img_size", "kwargs"}
-MINT_KEYS = {"mode", "taps", "head"}
-HEAD_KEYS = {"kind", "hidden", "channels", "dropout", "grid"}
 _SET_BY_US = {"pretrained", "num_classes", "in_chans", "img_size"}
 T = TypeVar("T")
 
@@ -116,18 +114,6 @@ def _config_error(where: str, what: str, call: Callable[[], T]) -> T:
         raise ValueError(f"{where}: {what}: {type(e).__name__}: {first}") from e
 
 
-def _checked(cfg: Mapping, where: str, allowed: set[str], required: set[str]) -> dict:
-    """Plain dict of `cfg` (DictConfig or any Mapping) after checking its keys."""
-    cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(allowed))}")
-    missing = sorted(required - set(cfg))
-    if missing:
-        raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
-    return cfg
-
-
 def create_backbone(
     name: str, num_classes: int, img_size: int, in_chans: int = 3, kwargs: Mapping | None = None
 ) -> nn.Module:
@@ -146,21 +132,25 @@ def create_backbone(
         name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs))
 
 
-def build_auditable_model(model_cfg: Mapping, mint_cfg: Mapping) -> AuditableModel:
-    """AuditableModel from the `model` and `mint` config groups (plain mappings or DictConfigs)."""
-    model_cfg = _checked(model_cfg, "model", MODEL_KEYS, {"name", "num_classes", "img_size"})
-    mint_cfg = _checked(mint_cfg, "mint", MINT_KEYS, {"mode"})
-    mode = mint_cfg["mode"]
-    _check_mode(mode)
-    if mode != "off" and not {"taps", "head"} <= set(mint_cfg):
-        raise ValueError(f"mint: mode {mode!r} needs both 'taps' and 'head'")
-    backbone = create_backbone(**model_cfg)
-    if mode == "off":
-        return AuditableModel(backbone, None, [], mode)
-    head_cfg = _checked(mint_cfg["head"], "mint.head", HEAD_KEYS, {"kind"})
-    taps = resolve_taps(backbone, mint_cfg["taps"])
+def build_auditable_model(model_cfg: ModelConfig, mint_cfg: MintConfig) -> AuditableModel:
+    """AuditableModel from the typed ``model`` and ``mint`` configs (``model.num_classes`` resolved)."""
+    if model_cfg.num_classes is None:
+        raise ValueError("model.num_classes=None: set it, or let training take it from the dataset root")
+    backbone = create_backbone(model_cfg.name, model_cfg.num_classes, model_cfg.img_size, model_cfg.in_chans,
+                               model_cfg.kwargs)
+    if not mint_cfg.on:
+        return AuditableModel(backbone, None, [], mint_cfg.mode)
+    head_cfg = mint_cfg.head.record()
+    taps = resolve_taps(backbone, mint_cfg.taps)
     in_chs = [backbone.feature_info[i]["num_chs"] for i in taps]
     kind = head_cfg.pop("kind")
-    head = _config_error(f"mint.head={mint_cfg['head']}", "cannot be built", lambda: build_head(
+    head = _config_error(f"mint.head={mint_cfg.head.record()}", "cannot be built", lambda: build_head(
         kind, in_chs, num_prefix_tokens=getattr(backbone, "num_prefix_tokens", 0), **head_cfg))
-    return AuditableModel(backbone, head, taps, mode)
+    return AuditableModel(backbone, head, taps, mint_cfg.mode)
+
+
+def model_from_record(record: Mapping, mode: str | None = None) -> AuditableModel:
+    """The model a ``model_config.json`` describes (its ``model`` and ``mint`` sections), ``mode`` replacing the
+    recorded MINT mode when given."""
+    mint = MintConfig.from_dict(record["mint"])
+    return build_auditable_model(ModelConfig.from_dict(record["model"]), replace(mint, mode=mode) if mode else mint)

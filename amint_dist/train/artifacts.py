@@ -3,34 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 from accelerate import Accelerator
 
 from amint_dist import __version__
+from amint_dist.data.config import DataConfig
 from amint_dist.data.prepare import load_manifest, prepare_dataset
 from amint_dist.io import atomic_write_bytes, atomic_write_json, sha256_file
+from amint_dist.models.config import MintConfig, ModelConfig
 
 MODEL_FORMAT = "amint-dist-model/1"
 
 
-def ensure_dataset(data_cfg: Mapping[str, Any], accelerator: Accelerator) -> dict:
+def ensure_dataset(data_cfg: DataConfig, accelerator: Accelerator) -> dict:
     """Load the dataset root's manifest; prepare the embedded digits there first when missing."""
-    root = Path(str(data_cfg["root"]))
+    root = Path(data_cfg.root)
     with accelerator.main_process_first():
         if not (root / "splits.json").exists():
-            if data_cfg["kind"] != "digits":
+            if data_cfg.kind != "digits":
                 raise FileNotFoundError(
-                    f"dataset root not prepared: {root} (run python launch/prepare_data.py data={data_cfg['kind']} "
+                    f"dataset root not prepared: {root} (run python launch/prepare_data.py data={data_cfg.kind} "
                     f"data.source=... data.root={root})")
             if accelerator.is_main_process:
                 prepare_dataset(data_cfg)
     return load_manifest(root)
 
 
-def save_final_model(accelerator: Accelerator, model, run_dir: Path, model_cfg: Mapping, mint_cfg: Mapping,
+def save_final_model(accelerator: Accelerator, model, run_dir: Path, model_cfg: ModelConfig, mint_cfg: MintConfig,
                      data_config: Mapping, data_root: str, manifest: Mapping) -> None:
     """Write ``model.safetensors`` (consolidated from every rank, e.g. ZeRO-3) and ``model_config.json``."""
     state_dict = accelerator.get_state_dict(model)  # a collective: every rank calls it
@@ -42,8 +44,8 @@ def save_final_model(accelerator: Accelerator, model, run_dir: Path, model_cfg: 
     atomic_write_json(run_dir / "model_config.json", {
         "format": MODEL_FORMAT,
         "tool_version": __version__,
-        "model": dict(model_cfg),
-        "mint": {k: mint_cfg[k] for k in ("mode", "taps", "head") if k in mint_cfg},
+        "model": asdict(model_cfg),
+        "mint": mint_cfg.model_record(),
         "taps": list(unwrapped.taps),
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "dataset": {"root": str(Path(data_root).resolve()),

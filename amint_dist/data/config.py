@@ -1,0 +1,46 @@
+"""The ``data`` config group: the dataset root, how it is prepared, and how training reads it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from amint_dist.config import Config, ConfigError, as_number, option
+from amint_dist.data.images import DEFAULT_MAX_PIXELS
+from amint_dist.data.splits import validate_fractions
+
+FRACTIONS = {"members": 0.40, "probe": 0.10, "external": 0.25, "heldout": 0.25}
+
+
+@dataclass
+class DataConfig(Config):
+    section = "data"
+
+    kind: Literal["digits", "imagefolder", "wds"] = option("digits", help="source kind: digits | imagefolder | wds")
+    root: str = option("data/digits", help="the dataset root (prepared WebDataset shards + splits.json)")
+    source: str | None = option(None, help="imagefolder: the class-per-folder tree; wds: the shard pattern")
+    seed: int = option(0, lo=0, help="seed of the key-hash member/non-member split")
+    fractions: dict = option(FRACTIONS, help="split -> fraction (members, probe, external, heldout), summing to 1")
+    image_field: str = option("jpg", help="wds: image field(s), ';'-separated, the first present is used")
+    label_field: str = option("cls", help="wds: label field")
+    num_classes: int | None = option(None, lo=1, help="wds: labels outside [0, num_classes) are refused; null: inferred")
+    classes: list | None = option(None, help="imagefolder: fixed class list (folder names); null: sorted folder names")
+    shard_maxcount: int = option(1000, lo=1, help="samples per shard")
+    shard_maxsize: int = option(1 << 30, lo=1, help="bytes per shard (upper bound)")
+    prepare_workers: int = option(1, lo=0, help="writer processes when preparing")
+    workers: int = option(2, lo=0, help="loader worker processes per rank when training (0: in the main process)")
+    overwrite: bool = option(False, help="prepare replaces an existing prepared root (else refuses it)")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, lo=1, help="width x height above this is a skip (read from the header)")
+    shuffle_buffer: int = option(1000, lo=0, help="per-reader sample shuffle buffer (seeded)")
+    max_skip_fraction: float = option(0.01, lo=0, hi=1, help="training stops when more of the samples read were skipped")
+    transform: dict = option({}, help="overrides of timm's data config (crop_pct, interpolation, mean, std)")
+    augment: dict = option({}, help="timm create_transform(is_training=True) options; empty: no augmentation")
+
+    def __post_init__(self) -> None:
+        bad = next((f"{k}={v!r}" for k, v in self.fractions.items() if as_number(v) is None), None)
+        if bad:
+            raise self.error("fractions", f"{bad} is not a number")
+        try:
+            self.fractions = validate_fractions({k: float(v) for k, v in self.fractions.items()})
+        except ValueError as e:
+            raise ConfigError(f"{self.key('fractions')}: {e}") from None

@@ -1,0 +1,70 @@
+"""The ``model`` and ``mint`` config groups: the timm backbone and the MINT head reading its taps."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from amint_dist.config import Config, option
+
+MODEL_MINT_KEYS = ("mode", "taps", "head")  # the mint keys that define the model (model_config.json records them)
+
+
+@dataclass
+class ModelConfig(Config):
+    section = "model"
+
+    name: str = option(help="any timm model name (never pretrained)")
+    img_size: int = option(lo=1, help="input height and width in pixels")
+    in_chans: Literal[1, 3] = option(3, help="input channels: 3 (RGB) or 1 (grayscale, images converted to L)")
+    num_classes: int | None = option(None, lo=1, help="task classes; null: from the dataset's splits.json")
+    kwargs: dict = option({}, help="further timm.create_model arguments (patch_size, depth, drop_path_rate, ...)")
+
+
+@dataclass
+class HeadConfig(Config):
+    section = "mint.head"
+
+    kind: Literal["conv", "mlp", "token"] = option(help="conv (the paper's) | mlp (original MINT) | token (ViT tokens)")
+    channels: int | None = option(None, lo=1, help="conv head: channels of each tap's 3x3 conv")
+    hidden: int | None = option(None, lo=1, help="hidden units of the head's classifier (default: the head's)")
+    dropout: float | None = option(None, lo=0, hi=1, hi_open=True, help="dropout before the classifier's last layer")
+    grid: int | None = option(None, lo=1, help="conv head: g x g pooled cells per tap (1 = global pooling)")
+
+    def record(self) -> dict[str, Any]:
+        """The keys that were set (as configured: kind first)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class MintConfig(Config):
+    section = "mint"
+
+    mode: Literal["active", "passive", "off"] = option("active", help="active | passive (taps detached) | off (task only)")
+    taps: str | list | None = option(None, help="entry | middle | output, or forward_intermediates indices")
+    head: HeadConfig | None = option(None, help="the MINT head (mint.head.*)")
+    task_weight: float = option(1.0, lo=0, help="weight of the task loss (l1)")
+    weight: float = option(1.0, lo=0, help="weight of the MINT loss (l2)")
+    normalize: bool = option(True, help="divide each loss by its first-step value (the authors' normalisation)")
+    external_ratio: float = option(1.0, lo=0, lo_open=True, help="external batch size / member batch size")
+    member_shift: int = option(0, lo=0, help="> 0: members shifted by up to this many pixels are extra MINT negatives")
+    external_shift: int = option(0, lo=0, help="> 0: the same for external samples")
+    member_weight: float = option(1.0, lo=0, lo_open=True, help="weight of member rows in the MINT BCE")
+
+    def __post_init__(self) -> None:
+        if self.mode != "off" and (self.taps is None or self.head is None):
+            raise self.error("mode", "needs both 'taps' and 'head'")
+
+    def model_record(self) -> dict[str, Any]:
+        """The mint keys that define the model (``MODEL_MINT_KEYS``), as model_config.json records them."""
+        values = {"mode": self.mode, "taps": self.taps, "head": self.head.record() if self.head else None}
+        return {k: values[k] for k in MODEL_MINT_KEYS if values[k] is not None}
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off"
+
+    def shifts(self) -> dict[str, int]:
+        """Split -> max shift of its shifted copies (extra MINT negatives); only the splits that get them."""
+        shifts = {"members": self.member_shift, "external": self.external_shift}
+        return {split: s for split, s in shifts.items() if s} if self.on else {}

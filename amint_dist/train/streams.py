@@ -1,0 +1,67 @@
+"""Training's split streams: rows per micro-step of every split read, the dataset fit check, the streams."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from amint_dist.config import ConfigError
+from amint_dist.data.pipeline import ShardedSplitStream, SplitShards
+from amint_dist.data.transforms import make_transform
+from amint_dist.train.config import JobConfig
+
+
+def read_batches(cfg: JobConfig, counts: Mapping[str, int]) -> dict[str, int]:
+    """Rows per rank per micro-step of every split training reads (0: not read)."""
+    batch, probe = cfg.train.batch_size, cfg.train.probe_batch_size
+    sizes = {"members": batch,
+             "external": max(1, round(batch * cfg.mint.external_ratio)) if cfg.mint.on else 0,  # no MINT: unread
+             "probe": round(batch * counts["probe"] / max(1, counts["members"])) if probe == "auto" else probe}
+    return {split: n if counts.get(split) else 0 for split, n in sizes.items()}
+
+
+def check_dataset_fit(cfg: JobConfig, manifest: Mapping[str, Any], world: int) -> None:
+    """What the config asks of the dataset root must be possible: shards for every reader, batches no larger
+    than their split, at least ``grad_accum`` member batches per rank and epoch."""
+    counts, workers = manifest["counts"], cfg.data.workers
+    readers = world * max(1, workers)
+    for split, n in read_batches(cfg, counts).items():
+        if not n:
+            continue
+        shards = len(manifest["splits"][split]["shards"])
+        if shards < readers:
+            raise ConfigError(f"data.workers={workers}: split {split!r} has {shards} shards but {world} rank(s) x "
+                              f"{max(1, workers)} reader(s) = {readers} need one each; lower data.workers or "
+                              "re-prepare with a smaller data.shard_maxcount")
+        key = {"members": cfg.train.key("batch_size"), "probe": cfg.train.key("probe_batch_size"),
+               "external": cfg.mint.key("external_ratio")}[split]
+        if n * world > counts[split] and (split != "probe" or cfg.train.probe_batch_size != "auto"):
+            raise ConfigError(f"{key}: {n} {split} rows per rank x {world} rank(s) is more than "
+                              f"the {split} split holds ({counts[split]} samples)")
+    per_rank = math.ceil(counts["members"] / (world * cfg.train.batch_size)) if counts["members"] else 0
+    if counts["members"] and cfg.train.grad_accum > per_rank:
+        raise ConfigError(f"{cfg.train.key('grad_accum')}: an epoch has about {per_rank} member batches per rank, "
+                          "fewer than one optimizer step needs")
+
+
+def make_streams(cfg: JobConfig, manifest: Mapping[str, Any], data_config: Mapping[str, Any], rank: int,
+                 world: int) -> dict[str, ShardedSplitStream]:
+    """Member, probe and external streams for this rank (the splits :func:`read_batches` reads)."""
+    counts = manifest["counts"]
+    needed = ["members"] + (["external"] if cfg.mint.on else [])
+    empty = [split for split in needed if not counts[split]]
+    if empty:
+        raise ValueError(f"split {empty[0]!r} of {cfg.data.root} is empty: training needs members"
+                         + (" and external MINT negatives" if cfg.mint.on else ""))
+    image_shape = tuple(data_config["input_size"])
+    transform = make_transform(data_config, cfg.data.augment)
+    return {
+        split: ShardedSplitStream(
+            SplitShards.from_root(cfg.data.root, split), transform, image_shape, n, rank=rank, world=world,
+            workers=cfg.data.workers, seed=cfg.train.seed, shuffle=True, shuffle_buffer=cfg.data.shuffle_buffer,
+            num_classes=int(manifest["num_classes"]), max_pixels=cfg.data.max_pixels,
+        )
+        for split, n in read_batches(cfg, counts).items()
+        if n > 0
+    }

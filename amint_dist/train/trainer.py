@@ -1,0 +1,221 @@
+"""The aMINT Trainer: members (task + MINT positives), probe (task only), external (MINT negatives).
+
+``Trainer.step(parts)`` is one micro-batch (forward, backward and, every ``train.grad_accum`` micro-batches,
+an optimizer step through ``accelerator.accumulate``); ``Trainer.fit()`` runs the epochs around it: it
+fetches the batches, steps, logs, checkpoints and ends the run's last epoch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm import tqdm
+
+from amint_dist.data.pipeline import ShardedSplitStream, make_loader
+from amint_dist.dist import reduce_sum
+from amint_dist.records.trail import AuditTrail
+from amint_dist.train.batches import CyclingBatches, combine
+from amint_dist.train.checkpoint import load_rank_state, save_checkpoint
+from amint_dist.train.config import JobConfig
+from amint_dist.train.exposure import ExposureRecorder
+from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
+from amint_dist.train.negatives import shifted_batch
+from amint_dist.train.reporting import Reporter
+from amint_dist.train.schedule import lr_at
+from amint_dist.train.state import TrainState
+
+
+@dataclass
+class StepOutput:
+    """One micro-step: its losses (detached, on the device: reading them syncs) and whether it completed an
+    optimizer step."""
+
+    task_loss: torch.Tensor
+    mint_loss: torch.Tensor | None
+    stepped: bool
+
+
+class Trainer:
+    """One training run's parts, built whole: config, engine (accelerator, prepared model and optimizer), data
+    (this rank's split streams), position (state), exposure, reporting, run dir and audit trail."""
+
+    def __init__(self, config: JobConfig, accelerator: Accelerator, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, streams: Mapping[str, ShardedSplitStream], state: TrainState,
+                 exposure: ExposureRecorder, reporter: Reporter, run_dir: Path, *,
+                 memory_format: torch.memory_format = torch.contiguous_format, trail: AuditTrail | None = None,
+                 resumed_from: Path | None = None):
+        """``resumed_from``: the checkpoint ``state`` was loaded from (its position counts as saved; this rank's
+        running statistics continue from it)."""
+        self.config, self.accelerator, self.model, self.optimizer = config, accelerator, model, optimizer
+        self.streams, self.state, self.exposure, self.reporter = streams, state, exposure, reporter
+        self.run_dir, self.memory_format, self.trail = run_dir, memory_format, trail
+        tcfg = config.train
+        self.total_steps = sum(len(self._members_epoch(e)) for e in range(tcfg.epochs)) // tcfg.grad_accum
+        if tcfg.max_steps > 0:
+            self.total_steps = min(self.total_steps, tcfg.max_steps)
+        steps_per_epoch = max(1, len(streams["members"]) // tcfg.grad_accum)
+        self.warmup = round(config.optim.warmup_epochs * steps_per_epoch)
+        self.losses = LossCombiner(config.mint.task_weight, config.mint.weight, config.mint.normalize)
+        if state.loss_norms:
+            self.losses.set_norms(*state.loss_norms)
+        self._cycling = {s: CyclingBatches(st, *state.cursors.get(s, [0, 0]))
+                         for s, st in streams.items() if s != "members"}
+        self.ckpt_due = False  # a step checkpoint is due (deferred past the epoch's end when the step ends it)
+        self.saved_at: tuple[int, int, int] | None = None  # position of the last checkpoint written or loaded
+        self.last_checkpoint: str | None = None
+        if resumed_from is not None:
+            self.saved_at, self.last_checkpoint = self._position(), resumed_from.name
+            reporter.load_rank_state(load_rank_state(resumed_from, accelerator.process_index))
+
+    # ---- one micro-step ----
+
+    def fetch(self, member_batches: Iterator[dict]) -> dict[str, dict]:
+        """The next member batch and the probe and external batches that go with it."""
+        return {"members": next(member_batches), **{split: c.next() for split, c in self._cycling.items()}}
+
+    def with_negatives(self, parts: Mapping[str, dict]) -> dict[str, dict]:
+        """``parts`` plus shifted copies (``mint.member_shift`` / ``external_shift``), seeded by the position."""
+        shifts = self.config.mint.shifts()
+        if not shifts:
+            return dict(parts)
+        gen = torch.Generator().manual_seed(hash((self.config.train.seed, self.state.step, self.state.batch_in_epoch,
+                                                  self.accelerator.process_index)))
+        return {**parts, **{f"{split}_shifted": shifted_batch(parts[split], shift, gen)
+                            for split, shift in shifts.items()}}
+
+    def step(self, parts: Mapping[str, dict], data_wait: float = 0.0) -> StepOutput:
+        """One micro-batch of ``parts`` (split -> reader batch): negatives, forward/backward/optimizer, exposure
+        and statistics; ``data_wait`` (seconds spent fetching ``parts``) goes to the statistics."""
+        started = time.perf_counter()
+        parts = self.with_negatives(parts)
+        batch = combine(parts, self.accelerator.device, self.memory_format)
+        logits, mint_logit, losses = self._forward_backward(batch)
+        self.exposure.record(self.state.step, parts)
+        self.reporter.note_skips(parts)
+        self.reporter.add(batch, logits.detach(), None if mint_logit is None else mint_logit.detach(), losses,
+                          data_wait=data_wait, step_time=data_wait + time.perf_counter() - started)
+        stepped = self.accelerator.sync_gradients
+        if stepped:
+            self.state.step += 1
+            self.state.cursors = self._cursors()
+        return StepOutput(losses.task.detach(), None if losses.mint is None else losses.mint.detach(), stepped)
+
+    def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, LossParts]:
+        """Forward, the weighted loss's backward, clipping and the optimizer, through ``accelerator.accumulate``."""
+        tcfg, mcfg, clip = self.config.train, self.config.mint, self.config.optim.clip_grad
+        with self.accelerator.accumulate(self.model):
+            for group in self.optimizer.param_groups:  # before backward: DeepSpeed steps inside accelerator.backward
+                group["lr"] = self.lr()
+            logits, mint_logit = self.model(batch["image"])
+            losses = LossParts(
+                task_loss(logits, batch["label"], batch["task_mask"], tcfg.label_smoothing),
+                mint_loss(mint_logit, batch["is_member"], batch["mint_mask"], mcfg.member_weight) if mcfg.on else None,
+            )
+            if self.losses.norms is None:
+                self._set_norms(losses)
+            self.accelerator.backward(self.losses(losses))
+            if self.accelerator.sync_gradients and clip > 0:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return logits, mint_logit, losses
+
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        ocfg = self.config.optim
+        return lr_at(self.state.step, self.total_steps, ocfg.lr, self.warmup, ocfg.min_lr)
+
+    def _set_norms(self, parts: LossParts) -> None:
+        values = torch.tensor([parts.task.item(), parts.mint.item() if parts.mint is not None else 1.0], dtype=torch.float64)
+        mean = reduce_sum(self.accelerator, values) / self.accelerator.num_processes
+        self.losses.set_norms(*mean.tolist())
+        self.state.loss_norms = list(self.losses.norms)
+
+    def _cursors(self) -> dict[str, list[int]]:
+        return {s: c.cursor() for s, c in self._cycling.items()}
+
+    # ---- the epochs ----
+
+    def fit(self) -> None:
+        """Train to ``train.epochs`` (or ``train.max_steps``), checkpoint the end and close the exposure trace."""
+        with tqdm(total=self.total_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
+                  desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
+            self._epochs(bar)  # the bar ends its line even when training raises
+        self.checkpoint()
+        self.exposure.close()
+
+    def _epochs(self, bar: tqdm) -> None:
+        members = self.streams["members"]
+        members.set_epoch(self.state.epoch, self.state.batch_in_epoch)  # then epoch after epoch, read ahead
+        batches = iter(make_loader(members, pin_memory=torch.cuda.is_available(), endless=True))
+        while self.state.epoch < self.config.train.epochs and not self.done():
+            for _ in range(len(self._members_epoch(self.state.epoch)) - self.state.batch_in_epoch):
+                if self.done():
+                    break
+                waited = time.perf_counter()
+                parts = self.fetch(batches)
+                out = self.step(parts, data_wait=time.perf_counter() - waited)
+                self.state.batch_in_epoch += 1
+                if out.stepped:
+                    self._after_optimizer_step(bar)
+            if self._epoch_over():
+                whole = members.batches_per_reader(self.state.epoch) * members.readers
+                for _ in range(whole - len(self._members_epoch(self.state.epoch))):
+                    next(batches)  # the epoch's last batches, short of a whole grad_accum group: not trained on
+                self._end_epoch()
+
+    def _after_optimizer_step(self, bar: tqdm) -> None:
+        """Progress, TensorBoard every ``train.log_every`` steps, checkpoints every ``train.ckpt_every_steps``."""
+        tcfg = self.config.train
+        bar.update(1)
+        if self.state.step % tcfg.log_every == 0:
+            summary = self.reporter.log_window(self.state, self.exposure.ledger, self.lr())
+            bar.set_postfix({k.split("/")[1]: f"{summary[k]:.4f}" for k in ("train/task_loss", "train/mint_loss")
+                             if k in summary}, refresh=False)
+        if tcfg.ckpt_every_steps and self.state.step % tcfg.ckpt_every_steps == 0:
+            self.ckpt_due = True
+        if self.ckpt_due and not self._epoch_over():  # else after the epoch's end: no step is split
+            self.checkpoint()
+
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    def _position(self) -> tuple[int, int, int]:
+        return self.state.step, self.state.epoch, self.state.batch_in_epoch
+
+    def _epoch_over(self) -> bool:
+        return self.state.batch_in_epoch >= len(self._members_epoch(self.state.epoch))
+
+    def _members_epoch(self, epoch: int) -> range:
+        stream, accum = self.streams["members"], self.config.train.grad_accum
+        return range(stream.batches_per_reader(epoch) * stream.readers // accum * accum)
+
+    def _end_epoch(self) -> None:
+        self.reporter.end_epoch(self.state, self.exposure.ledger, self.lr())
+        self.state.epoch += 1
+        self.state.batch_in_epoch = 0
+        self.state.epoch_skipped = []
+        every = self.config.train.ckpt_every_epochs
+        if (every and self.state.epoch % every == 0 or self.ckpt_due) and self.state.epoch < self.config.train.epochs:
+            self.checkpoint()
+
+    # ---- checkpoints ----
+
+    def checkpoint(self) -> None:
+        """Save the position (unless saved already): every rank's share, recorded in the audit trail."""
+        self.ckpt_due = False
+        if self._position() == self.saved_at:
+            return  # this very position is saved already (a run that ended on a checkpoint step, or a no-op resume)
+        self.reporter.merge_skips(self.state, self.exposure.ledger)
+        self.exposure.sync()  # first: every step a checkpoint covers is in the trace
+        self.state.cursors = self._cursors()
+        path = save_checkpoint(self.accelerator, self.run_dir, self.state, self.exposure.ledger,
+                               self.config.train.keep_checkpoints, model=self.model, trail=self.trail,
+                               rank_state=self.reporter.rank_state())
+        self.saved_at, self.last_checkpoint = self._position(), path.name
