@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -56,9 +56,8 @@ def one_line_errors(main: Callable[[DictConfig], Any]) -> Callable[[DictConfig],
         try:
             return main(cfg)
         except USER_ERRORS as e:
-            message = e.args[0] if isinstance(e, KeyError) and e.args else e
-            if isinstance(e, MissingMandatoryValue):  # omegaconf's message spans several lines
-                message = f"missing mandatory value {e.full_key}: pass {e.full_key}=..."
+            message = _missing(e) if isinstance(e, MissingMandatoryValue) else \
+                e.args[0] if isinstance(e, KeyError) and e.args else e
             logging.getLogger("amint_dist").debug("user error", exc_info=True)
             print(f"error: {message}", file=sys.stderr)
             sys.exit(2)
@@ -67,11 +66,12 @@ def one_line_errors(main: Callable[[DictConfig], Any]) -> Callable[[DictConfig],
 
 
 def run_cli(config_dir: str, config_name: str, main: Callable[[dict[str, Any]], Any], argv: list[str] | None = None,
-            sweep_dir_key: str | None = None) -> Any:
+            sweep_dir_key: str | None = None, fields: Sequence[str] = ()) -> Any:
     """Parse flags and Hydra overrides, compose ``config_name`` and call ``main(cfg_dict)`` (or serve a flag).
 
     ``sweep_dir_key`` (``run.dir`` for training) is the output key each job of a ``-m`` sweep gets its own value
-    of; without it ``-m`` is refused. Returns what ``main`` returned (a list, one per job, under ``-m``).
+    of; without it ``-m`` is refused. ``fields``: ``key: meaning`` lines of the typed configs (``--help``).
+    Returns what ``main`` returned (a list, one per job, under ``-m``).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -82,7 +82,7 @@ def run_cli(config_dir: str, config_name: str, main: Callable[[dict[str, Any]], 
     args.flags = [a for a in argv if a not in args.overrides]
     record_command(config_name, args.overrides, args.flags)
     if args.help:
-        print(help_text(config_dir, config_name, sweeps=sweep_dir_key is not None))
+        print(help_text(config_dir, config_name, sweeps=sweep_dir_key is not None, fields=fields))
         return None
     try:
         if args.multirun:
@@ -145,9 +145,9 @@ MULTIRUN = """  -m, --multirun    a sweep: every combination of comma-separated 
 NO_MULTIRUN = "  -m, --multirun    refused here: sweeps are for training runs (launch/train.py)"
 
 
-def help_text(config_dir: str, config_name: str, sweeps: bool = False) -> str:
+def help_text(config_dir: str, config_name: str, sweeps: bool = False, fields: Sequence[str] = ()) -> str:
     """Usage, flags, every config group of ``config_name``'s defaults list with its options (each with the first
-    line of its comments), then the default config's files as written: the comments are the documentation."""
+    line of its comments), every typed field with its meaning, then the default config's files as written."""
     root = Path(config_dir)
     primary = root / f"{config_name}.yaml"
     defaults = [d for d in (yaml.safe_load(primary.read_text()) or {}).get("defaults", []) if isinstance(d, dict)]
@@ -163,6 +163,9 @@ def help_text(config_dir: str, config_name: str, sweeps: bool = False) -> str:
             for option in options:
                 mark = "*" if option == default else " "
                 lines.append(f"   {mark}{option.ljust(width)}  {_first_comment(root / group / f'{option}.yaml')}")
+    if fields:
+        lines += ["", "keys (key: meaning; types and ranges are checked before any work):",
+                  *(f"  {line}" for line in fields)]
     files = [(primary, ""), *((root / group / f"{option}.yaml", f" ({group}={option})") for group, option in chosen)]
     lines += ["", f"default config: {primary.name} and the files its defaults list picks, as written"]
     for path, what in files:
@@ -289,9 +292,16 @@ def _has(cfg: DictConfig, key: str) -> bool:
     return isinstance(node, DictConfig) and last in node.keys()
 
 
+def _missing(e: MissingMandatoryValue) -> str:
+    """OmegaConf's message spans several lines and names the key without its section."""
+    return f"missing mandatory value {e.full_key}: pass {e.full_key}=..."
+
+
 def _one_line(e: BaseException) -> str:
     """First line of an exception and of its cause (Hydra nests the useful part); a missing config file of a group
     keeps Hydra's list of the group's options."""
+    if isinstance(e, MissingMandatoryValue):
+        return _missing(e)
     parts = [str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__]
     if isinstance(e, MissingConfigException) and e.options:
         where = next((line.strip().rstrip(":") for line in str(e).splitlines() if line.startswith("Available")),

@@ -6,7 +6,9 @@ from pathlib import Path
 from accelerate import PartialState
 
 from amint_dist.audit.run import run_audit
+from amint_dist.audit.config import AuditConfig
 from amint_dist.cli import run_cli
+from amint_dist.config import help_lines
 
 
 def main(cfg: dict) -> None:
@@ -16,4 +18,4 @@ def main(cfg: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(str(Path(__file__).resolve().parents[1] / "configs"), "audit", main)
+    run_cli(str(Path(__file__).resolve().parents[1] / "configs"), "audit", main, fields=help_lines(AuditConfig))

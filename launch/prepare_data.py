@@ -3,6 +3,8 @@
 from pathlib import Path
 
 from amint_dist.cli import run_cli
+from amint_dist.config import help_lines
+from amint_dist.data.config import DataConfig
 from amint_dist.data.prepare import prepare_dataset
 
 
@@ -13,4 +15,5 @@ def main(cfg: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(str(Path(__file__).resolve().parents[1] / "configs"), "prepare_data", main)
+    run_cli(str(Path(__file__).resolve().parents[1] / "configs"), "prepare_data", main,
+            fields=help_lines(DataConfig))

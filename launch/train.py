@@ -7,6 +7,8 @@ from accelerate import PartialState
 
 from amint_dist.audit.run import audit_config, run_audit
 from amint_dist.cli import run_cli
+from amint_dist.config import help_lines
+from amint_dist.train.config import JobConfig
 from amint_dist.train.loop import train
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
@@ -23,4 +25,4 @@ def main(cfg: dict) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(CONFIGS, "train", main, sweep_dir_key="run.dir")
+    run_cli(CONFIGS, "train", main, sweep_dir_key="run.dir", fields=help_lines(JobConfig))

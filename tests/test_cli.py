@@ -51,8 +51,11 @@ def test_help_lists_every_group_and_option_and_prints_the_commented_config():
     assert "vit_large_patch16" in out and "imagefolder" in out
     assert "# where the run goes" in out  # configs/train.yaml, comments and all
     assert "# ==== configs/experiment/digits_vit.yaml (experiment=digits_vit) ====" in out
+    keys = out.split("\nkeys (key: meaning;")[1].split("\n\n")[0]  # every typed field with its one-line doc
+    assert "\n  train.precision: auto: Accelerate's mixed_precision if set" in keys and "\n  mint.head.kind: " in keys
     prepare = launch("prepare_data.py", "-h").stdout
     assert "\n  data:\n" in prepare and "\n  model:\n" not in prepare  # only the groups its defaults list has
+    assert "\n  data.max_pixels: " in prepare and "\n  train." not in prepare
 
 
 def test_cfg_job_prints_the_composed_config_with_the_overrides():
@@ -140,3 +143,13 @@ def test_accelerate_info_lines_only_with_verbose():
         assert run_cli(CONFIGS, "prepare_data", shown, argv=["-v", "data.seed=1"]) is True
     finally:
         logging.getLogger("accelerate").setLevel(logging.NOTSET)
+
+
+def test_a_real_data_source_needs_its_root_named():
+    """The ImageNet experiment (wds source) has no default dataset root: refused in one line before any work."""
+    for entry in ("train.py", "prepare_data.py"):
+        extra = ("experiment=vit_b16_imagenet",) if entry == "train.py" else ("data=wds", "data.source=x.tar")
+        proc = launch(entry, *extra)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and lines[-1] == "error: missing mandatory value data.root: pass data.root=...", \
+            (entry, proc.stderr[-1500:])

@@ -338,7 +338,8 @@ COUNTS = {"members": 400, "probe": 100, "external": 200, "heldout": 200}
 def sizing_cfg(batch=8, grad_accum=1, probe="auto", workers=2, mode="active", external_ratio=0.5) -> JobConfig:
     return JobConfig.from_dict({
         "train": {"batch_size": batch, "grad_accum": grad_accum, "probe_batch_size": probe},
-        "data": {"workers": workers}, "mint": {"mode": mode, "external_ratio": external_ratio},
+        "data": {"workers": workers},
+        "mint": {"mode": mode, "external_ratio": external_ratio, "taps": "middle", "head": {"kind": "conv"}},
         "model": {"name": "resnet18", "img_size": 32}, "optim": {}})
 
 
@@ -370,7 +371,7 @@ def test_dataset_fit_accepts_a_config_that_fits():
     (sizing_cfg(batch=201), 2, sizing_manifest(),
      "train.batch_size=201: 201 members rows per rank x 2 rank(s) is more than the members split holds (400 samples)"),
     (sizing_cfg(external_ratio=13), 2, sizing_manifest(),
-     "mint.external_ratio=13: 104 external rows per rank x 2 rank(s) is more than the external split holds "
+     "mint.external_ratio=13.0: 104 external rows per rank x 2 rank(s) is more than the external split holds "
      "(200 samples)"),
     (sizing_cfg(probe=51), 2, sizing_manifest(),
      "train.probe_batch_size=51: 51 probe rows per rank x 2 rank(s) is more than the probe split holds (100 samples)"),
