@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from amint_dist.audit.metrics import balanced_accuracy_at, choose_threshold
 from amint_dist.audit.protocols import build_protocol
 from amint_dist.audit.run import audit_config, run_audit
-from amint_dist.audit.verify import TamperedError
+from amint_dist.records.artifacts import TamperedError
 from amint_dist.records.ledger import ExposureLedger
 from train_helpers import REPO, run_train
 
@@ -96,7 +96,7 @@ def test_protocols_are_independent_of_row_order_and_need_no_ledger():
 
 @pytest.fixture(scope="module")
 def audited_run(tmp_path_factory, train_root) -> tuple[Path, str]:
-    """Two epochs of the tiny model; launch/train.py audits it (audit=true, configs/audit.yaml defaults)."""
+    """Two epochs of the tiny model; launch/train.py audits it (run.audit=true, configs/audit.yaml defaults)."""
     run_dir = tmp_path_factory.mktemp("audit_runs") / "run"
     proc = run_train(run_dir, train_root, "train.epochs=2", "run.audit=true")
     return run_dir, proc.stdout
@@ -140,7 +140,7 @@ def test_report_and_run_dir_carry_provenance(audited_run, report):
     trained = json.loads((run_dir / "provenance.json").read_text())
     audited = report["provenance"]  # the audit's own: here the same command, a later time
     for prov in (trained, audited):
-        assert prov["command"]["entry_point"] == "train" and "audit=true" in prov["command"]["overrides"]
+        assert prov["command"]["entry_point"] == "train" and "run.audit=true" in prov["command"]["overrides"]
         assert prov["versions"]["timm"] and prov["versions"]["accelerate"] and prov["host"]
     assert audited["git"] == trained["git"] and audited["time"] >= trained["time"]
 

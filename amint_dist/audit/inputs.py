@@ -1,6 +1,6 @@
 """What is audited: a run dir (or a bare model.safetensors + model_config.json) and a dataset root.
 
-Loading verifies everything first (see ``verify``): the audit never scores unverified inputs.
+Loading verifies everything first (``records.artifacts``, ``records.verification``): the audit never scores unverified inputs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import safetensors.torch
 from omegaconf import OmegaConf
 
-from amint_dist.audit import verify
+from amint_dist.records import artifacts
 from amint_dist.data.prepare import load_manifest
 from amint_dist.io import read_json, sha256_file
 from amint_dist.models import AuditableModel, model_from_record
@@ -50,7 +50,7 @@ class AuditInputs:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first = str(e).splitlines()[0:2]
-            raise verify.TamperedError(f"{self.run_dir / 'model.safetensors'} does not fit model_config.json: "
+            raise artifacts.TamperedError(f"{self.run_dir / 'model.safetensors'} does not fit model_config.json: "
                                        f"{' '.join(first)}") from None
         return model.eval()
 
@@ -83,17 +83,17 @@ def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0
     manifest = load_manifest(root)
     splits_sha256 = sha256_file(root / "splits.json")
 
-    verify.verify_dataset_identity(root, splits_sha256, model_config)  # the cheap checks first
+    artifacts.verify_dataset_identity(root, splits_sha256, model_config)  # the cheap checks first
     weights_sha256 = sha256_file(weights)
-    verify.verify_weights(weights, model_config, weights_sha256)
+    artifacts.verify_weights(weights, model_config, weights_sha256)
     integrity = verify_run(run_dir, splits_sha256, verifier, weights_sha256)
     refused = refusal(integrity, verifier)
     if refused:
         raise TrailError(f"refusing to audit {run_dir}: {refused}")
     if run_config is not None:
-        verify.verify_model_config(run_config, model_config, config_path)
-    files = verify.dataset_files(root, manifest)
-    verify.raise_first(gather(verify.dataset_problems(files[rank::world])))
+        artifacts.verify_model_config(run_config, model_config, config_path)
+    files = artifacts.dataset_files(root, manifest)
+    artifacts.raise_first(gather(artifacts.dataset_problems(files[rank::world])))
     sizes = {split: int(meta["num_samples"]) for split, meta in manifest["splits"].items()}
     ledger_path = run_dir / "ledger.npz"
     ledger = ExposureLedger.load(ledger_path, sizes) if ledger_path.is_file() else None
@@ -109,6 +109,6 @@ def describe(inputs: AuditInputs) -> dict[str, Any]:
                   "weights_sha256": mc["weights_sha256"], "run_config": inputs.run_config is not None},
         "dataset": {"root": str(inputs.data_root.resolve()), "splits_sha256": inputs.splits_sha256,
                     "counts": inputs.manifest["counts"],
-                    "verified_files": len(verify.dataset_files(inputs.data_root, inputs.manifest))},
+                    "verified_files": len(artifacts.dataset_files(inputs.data_root, inputs.manifest))},
     }
 

@@ -1,4 +1,5 @@
-"""Integrity checks before an audit: dataset root vs splits.json, weights and config vs the run.
+"""What a run and its dataset root recorded of themselves, checked before an audit: dataset files against
+splits.json, weights against model_config.json, model_config.json against the run's config.yaml.
 
 Every check raises one clear error naming the offending file; nothing is audited otherwise.
 """
