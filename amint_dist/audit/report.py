@@ -10,6 +10,9 @@ null where undefined)::
     integrity {status: verified | unsigned | not checked | broken | absent, signature, keys {ed25519, hmac},
                declared, entries, problems [...], checked [...], unrecorded_checkpoints [...]},
                                                                # the run's audit_trail.jsonl (amint_dist.records)
+    suspect {path, n, skipped {reason: n}, alpha, verdict (used | no evidence), verdict_method, reference,
+             n_reference_nonmembers, n_reference_members, notes [...], scores_file,
+             methods {method: {u, auc, p_value, fraction {value, ci95}}}},   # only with audit.suspect
     protocols {seen|unseen|null: {description, member_split, nonmember_split,
         n_members, n_nonmembers, n_calibration_members, n_calibration_nonmembers,
         members_excluded_not_consumed, nonmembers_excluded_consumed, balancing_dropped {members, nonmembers},
@@ -39,6 +42,7 @@ from scipy.stats import binomtest
 from amint_dist.audit.metrics import choose_threshold, evaluate_method
 from amint_dist.audit.plots import plot_rocs, plot_score_histograms, save_figure
 from amint_dist.audit.protocols import ProtocolSamples
+from amint_dist.audit.suspect import suspect_markdown
 from amint_dist.io import atomic_write_bytes, atomic_write_text
 from amint_dist.tb import Monitor
 
@@ -123,6 +127,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         integrity_line(report.get("integrity") or {}),
         "",
+        *(suspect_markdown(report["suspect"]) if report.get("suspect") else []),
         f"Task accuracy on heldout: **{_cell(task)}** (n={report['task']['n']}). "
         f"Members: {report['members_rule']}. Thresholds chosen on a "
         f"{report['settings']['calibration_fraction']:.0%} calibration share (by key hash), never on evaluation "
