@@ -72,3 +72,72 @@ def test_set_test_reports_every_method():
     out = set_test(scores, {m: rng.normal(1, 1, 40) for m in scores}, {m: rng.normal(size=40) for m in scores}, 20, 0)
     assert set(out) == {"amint", "loss"}
     assert {"u", "auc", "p_value", "fraction"} <= set(out["amint"])
+
+
+# ---- a real tiny run: the CLI on a folder of PNG files, then calibration on its scores ----
+
+def split_images(root: Path, split: str) -> list[tuple[str, bytes, str]]:
+    """(key, PNG bytes, class) of every sample of a prepared split."""
+    out = []
+    for url in sorted((root / split).glob("*.tar")):
+        with open(url, "rb") as f:
+            for key, members in tar_groups(str(url)):
+                fields = {ext_of(m.name): m for m in members}
+                out.append((key, read_member(f, fields["png"]), read_member(f, fields["cls"]).decode()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def suspect_audit(tmp_path_factory, train_root) -> Path:
+    """30 epochs of the tiny model (a 2-epoch head is near chance), audited with a suspect folder of 60 member and
+    20 heldout PNGs in class folders, plus a corrupt .png."""
+    tmp = tmp_path_factory.mktemp("suspect")
+    run_dir = tmp / "run"
+    run_train(run_dir, train_root, "train.epochs=30")
+    folder = tmp / "suspect"
+    for split, n in (("members", 60), ("heldout", 20)):
+        for key, png, cls in split_images(train_root, split)[:n]:
+            (folder / cls).mkdir(parents=True, exist_ok=True)
+            (folder / cls / f"{key}.png").write_bytes(png)
+    (folder / "3" / "corrupt.png").write_bytes(b"not an image")
+    cmd = [sys.executable, str(REPO / "launch" / "audit.py"), f"run.dir={run_dir}", f"audit.suspect={folder}",
+           "audit.protocols=[seen]", "audit.passive.enabled=false", "audit.n_boot=200", "audit.workers=0"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "corrupt.png skipped: undecodable image" in proc.stdout + proc.stderr
+    return run_dir / "audit"
+
+
+def test_cli_scores_a_suspect_folder_like_the_evaluation_samples(suspect_audit):
+    report = json.loads((suspect_audit / "report.json").read_text())
+    section = report["suspect"]
+    assert section["n"] == 80 and section["skipped"] == {"undecodable image (UnidentifiedImageError)": 1}
+    assert set(section["methods"]) == {"amint", "loss", "confidence", "entropy", "modified_entropy"}
+    assert section["verdict"] in ("used", "no evidence") and section["verdict_method"] == "amint"
+    assert (section["verdict"] == "used") == (section["methods"]["amint"]["p_value"] < 0.01)
+    assert section["n_reference_nonmembers"] > 50 and section["methods"]["amint"]["fraction"]["ci95"]
+    assert (suspect_audit / "report.md").read_text().splitlines()[4].startswith("Suspect set ")
+    suspect, scored = load_npz(suspect_audit / "suspect_scores.npz"), load_npz(suspect_audit / "scores.npz")
+    audited = {}
+    for part in ("seen", "calibration/seen"):
+        audited.update(zip(scored[f"{part}/key"], scored[f"{part}/amint"]))
+    keys = [Path(name).stem for name in suspect["name"]]
+    common = [i for i, k in enumerate(keys) if k in audited]
+    assert len(common) > 40  # the same image scores the same read from a PNG file as from the prepared shard
+    np.testing.assert_allclose(suspect["amint"][common], [audited[keys[i]] for i in common], rtol=1e-6)
+
+
+def test_calibration_measured_on_the_run_scores(suspect_audit):
+    """Null sets: heldout evaluation samples (never the reference); reference: the heldout calibration share."""
+    s = load_npz(suspect_audit / "scores.npz")
+    evaluation, calibration = s["seen/label"], s["calibration/seen/label"]
+    reference, members = (s["calibration/seen/amint"][calibration == label] for label in (0, 1))
+    nonmember_pool, member_pool = (s["seen/amint"][evaluation == label] for label in (0, 1))
+    rng = np.random.default_rng(0)
+    rejections = null_rejections(reference, nonmember_pool, 200, 50, 0.05, rng)
+    assert within_level(rejections, 200, 0.05), rejections
+    member_p = [rank_test(rng.choice(member_pool, 50, replace=False), reference)["p_value"] for _ in range(50)]
+    assert np.median(member_p) < 0.05, np.median(member_p)  # this weak head (seen AUC ~0.6) cannot reach 1e-6
+    assert rank_test(member_pool, nonmember_pool)["p_value"] < 1e-4
+    misses = mixture_misses(members, member_pool, reference, nonmember_pool, 100, 10, rng)
+    assert within_level(sum(misses.values()), 10 * len(FRACTIONS), 0.05), misses
