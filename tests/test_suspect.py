@@ -141,3 +141,19 @@ def test_calibration_measured_on_the_run_scores(suspect_audit):
     assert rank_test(member_pool, nonmember_pool)["p_value"] < 1e-4
     misses = mixture_misses(members, member_pool, reference, nonmember_pool, 100, 10, rng)
     assert within_level(sum(misses.values()), 10 * len(FRACTIONS), 0.05), misses
+
+
+def test_suspect_files_from_a_list_and_shards_with_labels(tmp_path):
+    from conftest import image_bytes, write_wds_source
+    from amint_dist.audit.suspect import class_index, suspect_files
+    (tmp_path / "a.jpg").write_bytes(image_bytes(0))
+    listing = tmp_path / "files.txt"
+    listing.write_text(f"a.jpg\n{tmp_path / 'missing.jpg'}\n\n")
+    listed = list(suspect_files(listing))
+    assert [f.problem for f in listed] == [None, "unreadable file (FileNotFoundError)"] and listed[0].payload
+    pattern = write_wds_source(tmp_path / "shards", [{"__key__": f"s{i}", "jpg": image_bytes(i),
+                                                      "cls": str(i % 3).encode()} for i in range(5)], 2)
+    (tmp_path / "shards" / "src-003.tar").write_bytes(b"garbage")
+    shards = list(suspect_files(pattern.replace("002}", "003}")))
+    assert [f.label for f in shards[:5]] == ["0", "1", "2", "0", "1"] and shards[5].problem.startswith("corrupt")
+    assert class_index(["1", "b"], ["a", "b"]).tolist() == [1, 1] and class_index(["c", None], ["a", "b"]) is None

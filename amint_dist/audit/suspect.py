@@ -79,8 +79,8 @@ def _shards(pattern: str) -> Iterator[SuspectFile]:
     for url in braceexpand.braceexpand(pattern):
         try:
             groups = list(tar_groups(url))
-        except ValueError as e:
-            yield SuspectFile(url, None, None, f"unreadable tar ({str(e).split(' (')[0].split(':')[0]})")
+        except ValueError:
+            yield SuspectFile(url, None, None, "corrupt or truncated tar")
             continue
         with open(url, "rb") as f:
             for key, members in groups:
