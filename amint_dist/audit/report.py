@@ -17,6 +17,7 @@ null where undefined)::
         n_members, n_nonmembers, n_calibration_members, n_calibration_nonmembers,
         members_excluded_not_consumed, nonmembers_excluded_consumed, balancing_dropped {members, nonmembers},
         thresholds {method: t or null},                        # chosen on the calibration share only
+        fixed_fpr {method: [{fpr, tpr, ci95, false_positives_allowed}]},  # FPR 0 .. 0.1, Clopper-Pearson
         methods {method: {accuracy (heads only), balanced_accuracy, auc,
                           tpr_at_1pct_fpr, tpr_at_0.1pct_fpr}}}},
     files {...}
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
+from amint_dist.audit.fixed_fpr import fixed_fpr_markdown, fixed_fpr_rows
 from amint_dist.audit.metrics import choose_threshold, evaluate_method
 from amint_dist.audit.plots import plot_rocs, plot_score_histograms, save_figure
 from amint_dist.audit.protocols import ProtocolSamples
@@ -84,7 +86,8 @@ def evaluate_protocol(samples: ProtocolSamples, methods: Sequence[str], n_boot: 
         m: evaluate_method(evaluation["label"], evaluation[m], thresholds[m], m in HEADS, n_boot=n_boot, seed=seed)
         for m in methods
     } if measurable else {}
-    return {"thresholds": thresholds, "methods": metrics}
+    fixed = {m: fixed_fpr_rows(evaluation["label"], evaluation[m]) for m in methods} if measurable else {}
+    return {"thresholds": thresholds, "methods": metrics, "fixed_fpr": fixed}
 
 
 def json_safe(obj: Any) -> Any:
@@ -141,7 +144,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         cells = [_cell(protocols[p]["methods"].get(method, {}).get(m)) for p, m in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     counts = ", ".join(f"{p} {v['n_members']}/{v['n_nonmembers']}" for p, v in protocols.items())
-    lines += ["", f"Evaluation members/non-members: {counts}."]
+    lines += ["", f"Evaluation members/non-members: {counts}.", ""]
+    if protocols:
+        name = "seen" if "seen" in protocols else next(iter(protocols))
+        lines += fixed_fpr_markdown(name, protocols[name].get("fixed_fpr") or {})
     lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
 
