@@ -141,7 +141,7 @@ def test_report_and_run_dir_carry_provenance(audited_run, report):
     trained = json.loads((run_dir / "provenance.json").read_text())
     audited = report["provenance"]  # the audit's own: here the same command, a later time
     for prov in (trained, audited):
-        assert prov["command"]["entry_point"] == "train" and "audit=true" in prov["command"]["overrides"]
+        assert prov["command"]["entry_point"] == "train" and "run.audit=true" in prov["command"]["overrides"]
         assert prov["versions"]["timm"] and prov["versions"]["accelerate"] and prov["host"]
     assert audited["git"] == trained["git"] and audited["time"] >= trained["time"]
 

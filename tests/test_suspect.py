@@ -157,3 +157,10 @@ def test_suspect_files_from_a_list_and_shards_with_labels(tmp_path):
     shards = list(suspect_files(pattern.replace("002}", "003}")))
     assert [f.label for f in shards[:5]] == ["0", "1", "2", "0", "1"] and shards[5].problem.startswith("corrupt")
     assert class_index(["1", "b"], ["a", "b"]).tolist() == [1, 1] and class_index(["c", None], ["a", "b"]) is None
+
+
+def test_baselines_only_where_every_class_is_known():
+    from amint_dist.audit.suspect import _joined, label_note
+    parts = [{"amint": np.ones(2), "loss": np.zeros(2)}, {"amint": np.ones(1)}]  # the second batch had no class
+    assert set(_joined(parts)) == {"amint"} and _joined([]) == {}
+    assert "only amint label-free" in label_note(["amint"])[0]

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, reduce
@@ -23,8 +24,8 @@ from amint_dist.audit.passive import fresh_head, train_passive
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
 from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, integrity_notes,
                                      summary_notes, task_section, write_outputs)
-from amint_dist.audit.scoring import StackedHeads, gather_split, score_split
-from amint_dist.audit.suspect import MEMBER_SPLIT, audit_suspect, reference_scores, score_suspects
+from amint_dist.audit.scoring import StackedHeads, gather_split, score_batch, score_split
+from amint_dist.audit.suspect import MEMBER_SPLIT, audit_suspect, reference_scores
 from amint_dist.cli import to_dict
 from amint_dist.data.images import DEFAULT_MAX_PIXELS
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards
@@ -174,13 +175,17 @@ def _suspect(acfg: AuditConfig, inputs: AuditInputs, reader: _Reader, scorer: nn
              scored: dict, state: PartialState, autocast, out_dir: Path) -> dict:
     """The suspect set's report section (scored on rank 0 only)."""
     methods = [*names, *BASELINES]
-    score = partial(score_suspects, scorer, head_names=names, batch_size=acfg.batch_size, device=state.device,
-                    autocast=autocast)
+
+    def score(images: torch.Tensor, labels: np.ndarray | None) -> dict:
+        return score_batch(scorer, images, None if labels is None else torch.from_numpy(labels), names,
+                           state.device, autocast)
+
     references = reference_scores(scored, inputs.ledger, acfg.seed, acfg.calibration_fraction, methods)
     out_dir.mkdir(parents=True, exist_ok=True)
     return audit_suspect(acfg.suspect, inputs.manifest["classes"], reader.transform,
                          int(inputs.manifest.get("max_pixels", DEFAULT_MAX_PIXELS)), score, names, references,
-                         {"alpha": acfg.alpha, "n_boot": acfg.n_boot, "seed": acfg.seed}, out_dir)
+                         {"alpha": acfg.alpha, "n_boot": acfg.n_boot, "seed": acfg.seed,
+                          "batch_size": acfg.batch_size}, out_dir)
 
 
 def _reduce_sum(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import torch
 
 from amint_dist.audit.baselines import BASELINES
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, key_units
-from amint_dist.audit.scoring import Scored, score_batch
+from amint_dist.audit.scoring import Scored
 from amint_dist.audit.set_test import set_test, verdict
 from amint_dist.data.images import IMAGE_EXTENSIONS, ImageRefused, decode_image, image_files
 from amint_dist.data.sources import ext_of, read_member, tar_groups
@@ -109,29 +109,38 @@ def class_index(labels: Sequence[str | None], classes: Sequence[str]) -> np.ndar
     return None if any(i is None for i in out) else np.array(out, dtype=np.int64)
 
 
-def decode_all(files: Sequence[SuspectFile], transform: Callable, max_pixels: int
-               ) -> tuple[list[SuspectFile], list[torch.Tensor], Counter]:
-    """The decoded, transformed images with their files, and skips per reason (each skip logged once)."""
-    kept, images, skipped = [], [], Counter()
+def _decoded(item: SuspectFile, transform: Callable, max_pixels: int, skipped: Counter) -> torch.Tensor | None:
+    """The transformed image, or None with the skip counted and logged (one reason)."""
+    try:
+        if item.problem:
+            raise ImageRefused(item.problem, "")
+        return transform(decode_image(item.payload, max_pixels))
+    except ImageRefused as e:
+        skipped[e.reason] += 1
+        log.warning("suspect %s skipped: %s", item.name, e.reason)
+        return None
+
+
+def decoded_batches(files: Iterable[SuspectFile], transform: Callable, max_pixels: int, batch_size: int,
+                    skipped: Counter) -> Iterator[tuple[list[SuspectFile], torch.Tensor]]:
+    """Batches of (files, stacked transformed images) of the decodable files; skips counted in ``skipped``."""
+    kept, images = [], []
     for item in files:
-        try:
-            if item.problem:
-                raise ImageRefused(item.problem, "")
-            images.append(transform(decode_image(item.payload, max_pixels)))
+        image = _decoded(item, transform, max_pixels, skipped)
+        if image is not None:
             kept.append(item)
-        except ImageRefused as e:
-            skipped[e.reason] += 1
-            log.warning("suspect %s skipped: %s", item.name, e.reason)
-    return kept, images, skipped
+            images.append(image)
+        if len(images) == batch_size:
+            yield kept, torch.stack(images)
+            kept, images = [], []
+    if images:
+        yield kept, torch.stack(images)
 
 
-def score_suspects(model: torch.nn.Module, images: list[torch.Tensor], labels: np.ndarray | None,
-                   head_names: Sequence[str], batch_size: int, device: torch.device, autocast) -> dict:
-    """Every method's score per suspect image (baselines only with labels)."""
-    parts = [score_batch(model, torch.stack(images[i:i + batch_size]),
-                         None if labels is None else torch.from_numpy(labels[i:i + batch_size]),
-                         head_names, device, autocast) for i in range(0, len(images), batch_size)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+def _joined(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Concatenate the batches' columns present in every batch (baselines only where every class was known)."""
+    common = set.intersection(*(set(p) for p in parts)) if parts else set()
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k in common} if parts else {}
 
 
 def reference_scores(scored: dict[str, Scored], ledger: ExposureLedger | None, seed: int, calibration_fraction: float,
@@ -161,9 +170,9 @@ def suspect_section(scores: dict[str, np.ndarray], n: int, skipped: Counter, mem
     }
 
 
-def label_note(labels: np.ndarray | None, head_names: Sequence[str]) -> list[str]:
-    """Why the population baselines are missing, if they are."""
-    return [] if labels is not None else [
+def label_note(head_names: Sequence[str]) -> list[str]:
+    """Why the population baselines are missing."""
+    return [
         f"suspect classes unknown or not the dataset's: only {', '.join(head_names) or 'no'} label-free "
         f"methods scored (the baselines {', '.join(BASELINES)} need the true class)"]
 
@@ -172,20 +181,23 @@ def audit_suspect(path: str, classes: Sequence[str], transform: Callable, max_pi
                   head_names: Sequence[str], references: tuple[dict, dict], settings: dict, out_dir: Path) -> dict:
     """Read, score and test the suspect set; write ``out_dir/suspect_scores.npz``; return the report section.
 
-    ``score(images, labels)``: per-method scores (:func:`score_suspects` bound to the model);
-    ``settings``: alpha, n_boot, seed.
+    ``score(images, labels or None)``: per-method scores of one batch (``scoring.score_batch`` bound to the
+    model); ``settings``: alpha, n_boot, seed, batch_size.
     """
     members, reference = references
     if not next(iter(reference.values())).size:
         raise ValueError("audit.suspect needs known non-members, but the heldout calibration share is empty")
-    kept, images, skipped = decode_all(list(suspect_files(path)), transform, max_pixels)
-    labels = class_index([f.label for f in kept], classes)
-    scores = score(images, labels) if images else {}
-    notes = label_note(labels, head_names)
-    section = suspect_section(scores, len(kept), skipped, members, reference, notes=notes, **settings)
+    settings = dict(settings)
+    names, parts, skipped = [], [], Counter()
+    for kept, images in decoded_batches(suspect_files(path), transform, max_pixels, settings.pop("batch_size"),
+                                        skipped):
+        names += [f.name for f in kept]
+        parts.append(score(images, class_index([f.label for f in kept], classes)))
+    scores = _joined(parts)
+    notes = [] if not names or set(BASELINES) <= set(scores) else label_note(head_names)
+    section = suspect_section(scores, len(names), skipped, members, reference, notes=notes, **settings)
     buffer = io.BytesIO()
-    arrays = {m: scores[m] for m in section["methods"]}
-    np.savez_compressed(buffer, name=np.array([f.name for f in kept], dtype=str), **arrays)
+    np.savez_compressed(buffer, name=np.array(names, dtype=str), **{m: scores[m] for m in section["methods"]})
     atomic_write_bytes(out_dir / "suspect_scores.npz", buffer.getvalue())
     return {**section, "path": str(path), "scores_file": "suspect_scores.npz"}
 
