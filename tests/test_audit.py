@@ -130,8 +130,9 @@ def audit_cfg(run_dir: Path, data_root: Path | None = None, **audit) -> dict:
 def test_main_job_prints_the_report_path(audited_run):
     run_dir, stdout = audited_run
     assert f"audit report: {run_dir / 'audit' / 'report.md'}" in stdout
-    table = (run_dir / "audit" / "report.md").read_text()
+    table, fixed = (run_dir / "audit" / "report.md").read_text().split("TPR at fixed FPR, `seen`")
     assert table.count("\n| ") == 1 + len(METHODS) and "| **amint** |" in table
+    assert fixed.count("\n| ") == 1 + len(METHODS) and "| FPR 0.1 (<= " in fixed
 
 
 def test_report_and_run_dir_carry_provenance(audited_run, report):
@@ -160,6 +161,11 @@ def test_report_follows_the_contract(report, train_root):
                 assert set(metric) == {"value", "ci95"}
                 lo, hi = metric["ci95"]
                 assert 0 <= lo <= hi <= 1 and 0 <= metric["value"] <= 1
+    for name, protocol in report["protocols"].items():  # TPR at FPR 0 .. 0.1, exact intervals
+        rows = protocol["fixed_fpr"]["amint"]
+        assert [r["fpr"] for r in rows] == [0.0, 1e-4, 1e-3, 1e-2, 0.1], name
+        assert all(r["ci95"][0] <= r["tpr"] <= r["ci95"][1] for r in rows) and rows[0]["tpr"] <= rows[-1]["tpr"]
+        assert rows[1]["false_positives_allowed"] == 0 < rows[-1]["false_positives_allowed"]
     assert report["protocols"]["seen"]["members_excluded_not_consumed"] == 0  # two epochs consume every member
     assert len(report["passive_training"]) == 10 and report["settings"]["n_boot"] == 1000
 

@@ -285,3 +285,15 @@ def test_plots_write_valid_pngs(tmp_path):
     assert np.asarray(fig.axes, dtype=object).size == 4
     _read_png(tmp_path / "sub" / "scores.png")
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["roc.png", "scores.png"]
+
+
+def test_fixed_fpr_rows_count_false_positives_and_give_exact_intervals():
+    from amint_dist.audit.fixed_fpr import fixed_fpr_markdown, fixed_fpr_rows
+    labels = np.array([1] * 10 + [0] * 20)
+    scores = np.concatenate([np.linspace(0.5, 1.0, 10), np.linspace(0.0, 0.6, 20)])  # top non-member 0.6
+    rows = fixed_fpr_rows(labels, scores, (0.0, 0.05, 0.1))
+    assert [r["false_positives_allowed"] for r in rows] == [0, 1, 2]
+    assert rows[0]["tpr"] == 0.8 and rows[2]["tpr"] == 0.9  # 8 members above 0.6; two FPs (0.6, 0.57) admit 0.56
+    lo, hi = rows[0]["ci95"]
+    assert 0.44 < lo < 0.45 and 0.97 < hi < 0.98  # Clopper-Pearson for 8/10
+    assert "| m | 0.800 [0.444, 0.975]" in "\n".join(fixed_fpr_markdown("seen", {"m": rows}))

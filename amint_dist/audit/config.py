@@ -33,6 +33,9 @@ class AuditConfig(Config):
     n_boot: int = option(1000, lo=1, help="bootstrap resamples per metric")
     calibration_fraction: float = option(0.2, lo=0, hi=1, hi_open=True,
                                          help="share of every protocol's samples used only to choose thresholds")
+    suspect: str | None = option(None, help="a suspect set to test (image folder, tar shard pattern or file list)")
+    alpha: float = option(0.01, lo=0, hi=1, lo_open=True, hi_open=True,
+                          help="the suspect set test's level: verdict 'used' when the aMINT p-value is below it")
     passive: PassiveConfig = option(PassiveConfig(), help="the passive MINT baseline (audit.passive.*)")
 
     def __post_init__(self) -> None:

@@ -10,10 +10,14 @@ null where undefined)::
     integrity {status: verified | unsigned | not checked | broken | absent, signature, keys {ed25519, hmac},
                declared, entries, problems [...], checked [...], unrecorded_checkpoints [...]},
                                                                # the run's audit_trail.jsonl (amint_dist.records)
+    suspect {path, n, skipped {reason: n}, alpha, verdict (used | no evidence), verdict_method, reference,
+             n_reference_nonmembers, n_reference_members, notes [...], scores_file,
+             methods {method: {u, auc, p_value, fraction {value, ci95}}}},   # only with audit.suspect
     protocols {seen|unseen|null: {description, member_split, nonmember_split,
         n_members, n_nonmembers, n_calibration_members, n_calibration_nonmembers,
         members_excluded_not_consumed, nonmembers_excluded_consumed, balancing_dropped {members, nonmembers},
         thresholds {method: t or null},                        # chosen on the calibration share only
+        fixed_fpr {method: [{fpr, tpr, ci95, false_positives_allowed}]},  # FPR 0 .. 0.1, Clopper-Pearson
         methods {method: {accuracy (heads only), balanced_accuracy, auc,
                           tpr_at_1pct_fpr, tpr_at_0.1pct_fpr}}}},
     files {...}
@@ -36,9 +40,11 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
+from amint_dist.audit.fixed_fpr import fixed_fpr_markdown, fixed_fpr_rows
 from amint_dist.audit.metrics import choose_threshold, evaluate_method
 from amint_dist.audit.plots import plot_rocs, plot_score_histograms, save_figure
 from amint_dist.audit.protocols import ProtocolSamples
+from amint_dist.audit.suspect import suspect_markdown
 from amint_dist.io import atomic_write_bytes, atomic_write_text
 from amint_dist.tb import Monitor
 
@@ -80,7 +86,8 @@ def evaluate_protocol(samples: ProtocolSamples, methods: Sequence[str], n_boot: 
         m: evaluate_method(evaluation["label"], evaluation[m], thresholds[m], m in HEADS, n_boot=n_boot, seed=seed)
         for m in methods
     } if measurable else {}
-    return {"thresholds": thresholds, "methods": metrics}
+    fixed = {m: fixed_fpr_rows(evaluation["label"], evaluation[m]) for m in methods} if measurable else {}
+    return {"thresholds": thresholds, "methods": metrics, "fixed_fpr": fixed}
 
 
 def json_safe(obj: Any) -> Any:
@@ -123,6 +130,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         integrity_line(report.get("integrity") or {}),
         "",
+        *(suspect_markdown(report["suspect"]) if report.get("suspect") else []),
         f"Task accuracy on heldout: **{_cell(task)}** (n={report['task']['n']}). "
         f"Members: {report['members_rule']}. Thresholds chosen on a "
         f"{report['settings']['calibration_fraction']:.0%} calibration share (by key hash), never on evaluation "
@@ -136,7 +144,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         cells = [_cell(protocols[p]["methods"].get(method, {}).get(m)) for p, m in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     counts = ", ".join(f"{p} {v['n_members']}/{v['n_nonmembers']}" for p, v in protocols.items())
-    lines += ["", f"Evaluation members/non-members: {counts}."]
+    lines += ["", f"Evaluation members/non-members: {counts}.", ""]
+    if protocols:
+        name = "seen" if "seen" in protocols else next(iter(protocols))
+        lines += fixed_fpr_markdown(name, protocols[name].get("fixed_fpr") or {})
     lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
 

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, reduce
@@ -23,7 +24,8 @@ from amint_dist.audit.passive import fresh_head, train_passive
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
 from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, integrity_notes,
                                      summary_notes, task_section, write_outputs)
-from amint_dist.audit.scoring import StackedHeads, gather_split, score_split
+from amint_dist.audit.scoring import StackedHeads, gather_split, score_batch, score_split
+from amint_dist.audit.suspect import MEMBER_SPLIT, audit_suspect, reference_scores
 from amint_dist.cli import to_dict
 from amint_dist.data.images import DEFAULT_MAX_PIXELS
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards
@@ -101,7 +103,8 @@ def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: Partia
     protocols = [p for p in acfg.protocols if counts[PROTOCOLS[p][0]] and counts[NONMEMBER_SPLIT]]
     notes += [f"protocol {p} skipped: its splits are empty" for p in acfg.protocols if p not in protocols]
     scored, skipped = {}, {}
-    for split in dict.fromkeys([*(PROTOCOLS[p][0] for p in protocols), NONMEMBER_SPLIT]):
+    suspect_splits = [MEMBER_SPLIT] if acfg.suspect else []  # its member reference
+    for split in dict.fromkeys([*(PROTOCOLS[p][0] for p in protocols), *suspect_splits, NONMEMBER_SPLIT]):
         stream = reader.stream(split, acfg.batch_size, shuffle=False)
         parts = gather_object([score_split(scorer, stream, names, state.device, autocast,
                                            show=f"audit: score {split}" if state.is_main_process else None)])
@@ -137,6 +140,8 @@ def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: Partia
             "passive_training": history,
             "protocols": results,
         }
+        if acfg.suspect:
+            report["suspect"] = _suspect(acfg, inputs, reader, scorer, names, scored, state, autocast, out_dir)
         write_outputs(out_dir, report, samples, Monitor(Path(run_dir), True))
     state.wait_for_everyone()
     return out_dir / "report.md"
@@ -164,6 +169,23 @@ def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: AuditConfig, r
     elif pcfg.enabled:
         notes.append("passive MINT skipped: the members or external split is empty")
     return AuditableModel(model.backbone, StackedHeads(heads), model.taps, "passive"), names, history, notes
+
+
+def _suspect(acfg: AuditConfig, inputs: AuditInputs, reader: _Reader, scorer: nn.Module, names: list[str],
+             scored: dict, state: PartialState, autocast, out_dir: Path) -> dict:
+    """The suspect set's report section (scored on rank 0 only)."""
+    methods = [*names, *BASELINES]
+
+    def score(images: torch.Tensor, labels: np.ndarray | None) -> dict:
+        return score_batch(scorer, images, None if labels is None else torch.from_numpy(labels), names,
+                           state.device, autocast)
+
+    references = reference_scores(scored, inputs.ledger, acfg.seed, acfg.calibration_fraction, methods)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return audit_suspect(acfg.suspect, inputs.manifest["classes"], reader.transform,
+                         int(inputs.manifest.get("max_pixels", DEFAULT_MAX_PIXELS)), score, names, references,
+                         {"alpha": acfg.alpha, "n_boot": acfg.n_boot, "seed": acfg.seed,
+                          "batch_size": acfg.batch_size}, out_dir)
 
 
 def _reduce_sum(device: torch.device, tensor: torch.Tensor) -> torch.Tensor:

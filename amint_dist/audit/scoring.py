@@ -41,20 +41,31 @@ def score_split(model: nn.Module, stream: ShardedSplitStream, head_names: Sequen
             valid = batch["valid"]
             if not valid.any():
                 continue
-            with autocast():
-                logits, mint = model(batch["image"][valid].to(device))
-            logits, labels = logits.float().cpu(), batch["label"][valid]
+            labels = batch["label"][valid]
             columns["key"].extend(k for k, v in zip(batch["key"], valid.tolist()) if v)
             columns["index"].append(batch["index"][valid].numpy())
             columns["label"].append(labels.numpy())
-            columns["correct"].append((logits.argmax(1) == labels).numpy())
-            for name, fn in BASELINES.items():
-                columns[name].append(fn(logits, labels))
-            if head_names:
-                probs = torch.sigmoid(mint.double().cpu().reshape(len(labels), -1))
-                for i, name in enumerate(head_names):
-                    columns[name].append(probs[:, i].numpy())
+            for name, values in score_batch(model, batch["image"][valid], labels, head_names, device,
+                                            autocast).items():
+                columns[name].append(values)
     return {name: _stack(name, values) for name, values in columns.items()}, skipped
+
+
+@torch.no_grad()
+def score_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor | None, head_names: Sequence[str],
+                device: torch.device, autocast: Callable[[], AbstractContextManager]) -> dict[str, np.ndarray]:
+    """Every head's member probability for one batch; with ``labels`` also task correctness and the baselines."""
+    with autocast():
+        logits, mint = model(images.to(device))
+    logits = logits.float().cpu()
+    out = {}
+    if labels is not None:
+        out["correct"] = (logits.argmax(1) == labels).numpy()
+        out.update({name: fn(logits, labels) for name, fn in BASELINES.items()})
+    if head_names:
+        probs = torch.sigmoid(mint.double().cpu().reshape(len(images), -1))
+        out.update({name: probs[:, i].numpy() for i, name in enumerate(head_names)})
+    return out
 
 
 def _stack(name: str, values: list) -> np.ndarray:

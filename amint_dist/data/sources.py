@@ -214,18 +214,18 @@ class WdsSource:
     def scan(self, url: str) -> ScanResult:
         out = ScanResult()
         with open(url, "rb") as f:
-            for raw_key, members in _tar_groups(url):
+            for raw_key, members in tar_groups(url):
                 key = sanitize_key(raw_key)
-                image = next(((e, m) for e in self.image_fields for m in members if _ext_of(m.name) == e), None)
-                label_member = next((m for m in members if _ext_of(m.name) == self.label_field), None)
+                image = next(((e, m) for e in self.image_fields for m in members if ext_of(m.name) == e), None)
+                label_member = next((m for m in members if ext_of(m.name) == self.label_field), None)
                 if image is None:
                     out.skipped.append(Skip(key, url, f"no image field {'/'.join(self.image_fields)}"))
                     continue
                 if label_member is None:
                     raise ValueError(f"unknown label: sample {raw_key!r} in {url} has no .{self.label_field} field")
-                label = self._parse_label(_read_member(f, label_member), raw_key, url)
+                label = self._parse_label(read_member(f, label_member), raw_key, url)
                 ext, member = image
-                payload = _read_member(f, member)
+                payload = read_member(f, member)
                 skip = image_skip(key, url, payload, self.max_pixels)
                 if skip:
                     out.skipped.append(skip)
@@ -252,17 +252,17 @@ class WdsSource:
             return f.read(size)
 
 
-def _ext_of(name: str) -> str:
+def ext_of(name: str) -> str:
     base = os.path.basename(name)
     return normalise_ext(base.split(".", 1)[1]) if "." in base else ""
 
 
-def _read_member(f, member: tarfile.TarInfo) -> bytes:
+def read_member(f, member: tarfile.TarInfo) -> bytes:
     f.seek(member.offset_data)
     return f.read(member.size)
 
 
-def _tar_groups(url: str) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
+def tar_groups(url: str) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
     """Group a tar's file members by WebDataset key (path up to the first dot of the basename)."""
     try:
         with tarfile.open(url, "r:") as tar:
