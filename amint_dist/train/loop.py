@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
@@ -24,13 +25,14 @@ from amint_dist.records.trail import AuditTrail
 from amint_dist.provenance import write_provenance
 from amint_dist.run_dir import claim_run_dir
 from amint_dist.tb import Monitor
-from amint_dist.train.accelerator import make_accelerator
+from amint_dist.train.accelerator import make_accelerator, resolve_precision
 from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.checkpoint import clean_partials, latest_checkpoint, load_checkpoint
 from amint_dist.train.config import JobConfig
 from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.exposure_trace import ExposureTrace
 from amint_dist.train.optim import make_optimizer
+from amint_dist.train.precision import check_compute_dtype, compute_dtype
 from amint_dist.train.reporting import Reporter
 from amint_dist.train.skips import SkipBudget
 from amint_dist.train.state import TrainState
@@ -64,6 +66,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
         held.enter_context(main_process_holds(accelerator, lambda: claim_run_dir(run_dir, config.resume)))
         optimizer = make_optimizer(model.param_groups(config.optim.weight_decay), config.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
+        _check_precision(config, accelerator, model, data_config["input_size"])
         trail = AuditTrail(run_dir, sha256_file(Path(config.data.root) / "splits.json"), Signer.from_env())
         state, ledger, resumed = _start(config, accelerator, run_dir, manifest["counts"], trail)
         _record_start(cfg, accelerator, run_dir, trail, state, resumed)
@@ -86,6 +89,15 @@ def _build_model(config: JobConfig, model_cfg: ModelConfig) -> tuple[AuditableMo
     data_config = data_config_for(model.backbone, model_cfg.img_size, model_cfg.in_chans, config.data.transform)
     model.check_forward(data_config["input_size"])
     return model, data_config
+
+
+def _check_precision(config: JobConfig, accelerator: Accelerator, model: torch.nn.Module,
+                     input_size: tuple[int, ...]) -> None:
+    """Log the dtype the prepared engine computes in; refuse one that ``train.precision`` did not ask for."""
+    precision = resolve_precision(config.train.precision)
+    dtype = compute_dtype(model, input_size, accelerator.device)
+    accelerator.print(f"compute dtype: {dtype} (train.precision={config.train.precision} -> {precision})")
+    check_compute_dtype(precision, dtype)
 
 
 def _refuse_compile_under_zero3(config: JobConfig, accelerator: Accelerator) -> None:
