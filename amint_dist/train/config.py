@@ -33,6 +33,8 @@ class TrainConfig(Config):
     probe_batch_size: Literal["auto"] | int = option("auto", lo=0, help="auto: keeps the probe split's epochs in pace")
     grad_accum: int = option(1, lo=1, help="micro-batches per optimizer step")
     compile: bool = option(False, help="torch.compile the model's forward (inductor)")
+    grad_checkpointing: bool = option(
+        False, help="recompute the backbone's blocks in backward (timm set_grad_checkpointing): less memory, more compute")
     channels_last: Literal["auto"] | bool = option("auto", help="auto: NHWC for CNN backbones on CUDA | true | false")
     precision: Literal["auto", "no", "bf16", "fp16"] = option(
         "auto", help="auto: Accelerate's mixed_precision if set, else bf16 on GPUs that have it, else no")

@@ -86,6 +86,8 @@ def _build_model(config: JobConfig, model_cfg: ModelConfig) -> tuple[AuditableMo
     """The model and its timm data config; one dry forward, so that a model that builds but cannot compute is
     refused in one line now."""
     model = build_auditable_model(model_cfg, config.mint)
+    if config.train.grad_checkpointing:
+        model.backbone.set_grad_checkpointing(True)  # timm honours it inside forward_intermediates too
     data_config = data_config_for(model.backbone, model_cfg.img_size, model_cfg.in_chans, config.data.transform)
     model.check_forward(data_config["input_size"])
     return model, data_config
