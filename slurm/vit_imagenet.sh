@@ -6,8 +6,9 @@
 # One srun task per node runs `accelerate launch --machine_rank $SLURM_NODEID`, which starts G ranks there;
 # the first host of the job is the main process; DeepSpeed uses its `standard` multi-node launcher (torchrun
 # on every node, no ssh). The run dir is $RUNS_DIR/$SLURM_JOB_ID, so a requeued job (same id) finds its
-# checkpoints and resumes from `latest`. Five minutes before the time limit Slurm sends USR1 (--signal);
-# the script requeues the job. Submit from the repository root (or set AMINT_REPO).
+# checkpoints and resumes from `latest`. Five minutes before the time limit Slurm sends USR1 (--signal) to
+# this script, which forwards it to the training ranks (they checkpoint the step they reach and exit), then
+# requeues the job. Submit from the repository root (or set AMINT_REPO).
 #
 # Environment (all optional):
 #   AMINT_REPO         repository checkout on a file system every node sees (default: the submit directory)
@@ -70,17 +71,33 @@ echo "job $SLURM_JOB_ID: $NNODES node(s) x $GPUS_PER_NODE ranks, main host $MAIN
 echo "run dir: $RUN_DIR"
 echo "TensorBoard: tensorboard --logdir $RUN_DIR/tb"
 
-requeue() {
-  echo "time limit near: requeueing job $SLURM_JOB_ID (resumes from $RUN_DIR/checkpoints/latest)"
-  scontrol requeue "$SLURM_JOB_ID"
+stop_requested=0
+# shellcheck disable=SC2329  # invoked by the trap below
+forward_stop() {
+  stop_requested=1
+  echo "time limit near: USR1 to the training ranks (they finish the step, checkpoint and exit 0), then requeue"
+  kill -USR1 "$step_pid"  # srun forwards it to every process of the step; accelerate launch ignores it (below)
 }
-trap requeue USR1
+trap forward_stop USR1
 
-# One task per node; SLURM_NODEID is read inside the task, so each node gets its own machine rank.
+# One task per node; SLURM_NODEID is read inside the task, so each node gets its own machine rank. The task
+# ignores USR1 and TERM, and so does accelerate launch (torchrun) that it becomes: only the training ranks,
+# which install their own handlers, act on them (checkpoint at an agreed step, exit 0; docs/distributed.md).
 # shellcheck disable=SC2016  # single quotes on purpose: expanded by the task's shell on its node
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
   set -euo pipefail
+  trap "" USR1 TERM
   if [[ -n "${PYTHON_ACTIVATE:-}" ]]; then source "$PYTHON_ACTIVATE"; fi
   exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"
 ' vit_imagenet "${launch[@]}" launch/train.py "${overrides[@]}" "$@" &
-wait $!  # returns early when USR1 arrives; the trap then requeues
+step_pid=$!
+rc=0
+while kill -0 "$step_pid" 2>/dev/null; do  # wait returns early when USR1 arrives: wait again for the checkpoint
+  rc=0
+  wait "$step_pid" || rc=$?
+done
+if ((stop_requested)); then
+  echo "requeueing job $SLURM_JOB_ID (resumes from $RUN_DIR/checkpoints/latest)"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"

@@ -33,6 +33,7 @@ from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.exposure_trace import ExposureTrace
 from amint_dist.train.optim import make_optimizer
 from amint_dist.train.precision import check_compute_dtype, compute_dtype
+from amint_dist.train.preemption import StopSignals, Stopped
 from amint_dist.train.reporting import Reporter
 from amint_dist.train.skips import SkipBudget
 from amint_dist.train.state import TrainState
@@ -74,9 +75,13 @@ def train(cfg: Mapping[str, Any]) -> Path:
         monitor = Monitor(run_dir, accelerator.is_main_process, resume_at=(state.step, state.epoch) if resumed else None)
         reporter = Reporter(monitor, SkipBudget.for_dataset(config.data.max_skip_fraction, manifest),
                             partial(reduce_sum, accelerator), accelerator.num_processes)
-        trainer = Trainer(config, accelerator, model, optimizer, streams, state, ExposureRecorder(ledger, trace),
-                          reporter, run_dir, memory_format=memory_format, trail=trail, resumed_from=resumed)
-        trainer.fit()
+        with StopSignals(accelerator.num_processes) as stop:
+            trainer = Trainer(config, accelerator, model, optimizer, streams, state, ExposureRecorder(ledger, trace),
+                              reporter, run_dir, memory_format=memory_format, trail=trail, resumed_from=resumed,
+                              stop=stop)
+            trainer.fit()
+        if trainer.stopped:
+            _stop(trainer, stop.name())
         save_final_model(accelerator, model, run_dir, model_cfg, config.mint, data_config, config.data.root, manifest)
         _finish(trainer)
         return run_dir
@@ -142,6 +147,14 @@ def _record_start(cfg: Mapping[str, Any], accelerator: Accelerator, run_dir: Pat
         trail.start(run_dir / "config.yaml", accelerator.num_processes)
     else:
         trail.append("resume", checkpoint=resumed.name, step=state.step, world_size=accelerator.num_processes)
+
+
+def _stop(trainer: Trainer, signal_name: str) -> None:
+    """After a stop signal's checkpoint: TensorBoard closed, every rank done, then :class:`Stopped`."""
+    trainer.reporter.monitor.close()
+    trainer.accelerator.wait_for_everyone()
+    raise Stopped(f"stopped by {signal_name} at step {trainer.state.step}: checkpoint {trainer.last_checkpoint} in "
+                  f"{trainer.run_dir}; resume=latest continues")
 
 
 def _finish(trainer: Trainer) -> None:
