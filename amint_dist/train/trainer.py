@@ -7,6 +7,7 @@ fetches the batches, steps, logs, checkpoints and ends the run's last epoch.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,7 @@ from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_los
 from amint_dist.train.negatives import shifted_batch
 from amint_dist.train.preemption import StopSignals
 from amint_dist.train.reporting import Reporter
+from amint_dist.train.resources import resource_scalars
 from amint_dist.train.schedule import lr_at
 from amint_dist.train.state import TrainState
 
@@ -58,6 +60,7 @@ class Trainer:
         self.streams, self.state, self.exposure, self.reporter = streams, state, exposure, reporter
         self.run_dir, self.memory_format, self.trail, self.stop = run_dir, memory_format, trail, stop
         self.stopped = False
+        self.grad_norm: torch.Tensor | float | None = None  # the last optimizer step's (under DeepSpeed: a float)
         tcfg = config.train
         self.total_steps = sum(len(self._members_epoch(e)) for e in range(tcfg.epochs)) // tcfg.grad_accum
         if tcfg.max_steps > 0:
@@ -123,8 +126,8 @@ class Trainer:
             if self.losses.norms is None:
                 self._set_norms(losses)
             self.accelerator.backward(self.losses(losses))
-            if self.accelerator.sync_gradients and clip > 0:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+            if self.accelerator.sync_gradients:  # clip=0: max_norm inf, the norm alone (grads times 1.0)
+                self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip or math.inf)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return logits, mint_logit, losses
@@ -179,7 +182,8 @@ class Trainer:
         tcfg = self.config.train
         bar.update(1)
         if self.state.step % tcfg.log_every == 0:
-            summary = self.reporter.log_window(self.state, self.exposure.ledger, self.lr())
+            summary = self.reporter.log_window(self.state, self.exposure.ledger, self.lr(),
+                                               resource_scalars(self.accelerator.device, self.grad_norm))
             bar.set_postfix({k.split("/")[1]: f"{summary[k]:.4f}" for k in ("train/task_loss", "train/mint_loss")
                              if k in summary}, refresh=False)
         if tcfg.ckpt_every_steps and self.state.step % tcfg.ckpt_every_steps == 0:
