@@ -440,6 +440,16 @@ def test_accelerate_launch_bf16_gives_a_bf16_accelerator_and_deepspeed_autocast(
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["bf16"]["enabled"]
 
 
+def test_dist_timeout_reaches_the_process_group_kwargs(fresh_accelerate):
+    from datetime import timedelta
+
+    from amint_dist.train.accelerator import make_accelerator
+    from amint_dist.train.config import OptimConfig, TrainConfig
+
+    accelerator = make_accelerator(TrainConfig(precision="no", dist_timeout_s=77), OptimConfig())
+    assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(seconds=77)}  # what init_process_group gets
+
+
 def test_typed_config_names_the_dotted_key_in_one_line():
     from amint_dist.config import ConfigError, help_lines
     from amint_dist.train.config import JobConfig

@@ -47,6 +47,8 @@ class TrainConfig(Config):
     ckpt_every_epochs: int = option(10, lo=0, help="epochs between checkpoints; 0: none at epoch ends")
     keep_checkpoints: int = option(2, lo=0, help="complete checkpoints kept (0: all)")
     exposure_log: bool = option(False, help="per-rank trace of every consumed sample in RUN/exposure_log")
+    dist_timeout_s: int = option(
+        1800, lo=1, help="seconds a collective may wait before the process group (NCCL, gloo) fails the run")
 
     def __post_init__(self) -> None:
         if self.mixup or self.cutmix:  # a blended member is no sample the ledger or the audit can name
