@@ -28,17 +28,26 @@ pytestmark = pytest.mark.slow
 SCRIPT = REPO / "slurm" / "vit_imagenet.sh"
 EPOCHS = 2
 FAKE_SCONTROL = """#!/usr/bin/env bash
-# test double: the first host of any node list is this machine
+# test double: the first host of any node list is this machine; a requeue is written to $FAKE_LOG/requeued
+[[ "$1" == requeue ]] && echo "$2" >>"$FAKE_LOG/requeued"
 [[ "$1 $2" == "show hostnames" ]] && echo 127.0.0.1
+exit 0
 """
 FAKE_SRUN = """#!/usr/bin/env bash
 # test double: one task per node (SLURM_NODEID 0..SLURM_JOB_NUM_NODES-1), every node on this machine; its
 # options go to $FAKE_LOG/srun.args
 while [[ $1 == --* ]]; do echo "$1" >>"$FAKE_LOG/srun.args"; shift; done
 pids=()
+descendants() { local child; for child in $(ps -o pid= --ppid "$1"); do echo "$child"; descendants "$child"; done; }
+# like srun: a signal it receives goes to every process of the step (Slurm's proctrack), tasks included
+forward() { for pid in "${pids[@]}"; do kill -s "$1" "$pid" $(descendants "$pid") 2>/dev/null || true; done; }
+trap 'forward USR1' USR1
 for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
 rc=0
-for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+for pid in "${pids[@]}"; do
+  while kill -0 "$pid" 2>/dev/null; do status=0; wait "$pid" || status=$?; done
+  ((status)) && rc=$status
+done
 exit $rc
 """
 
@@ -97,8 +106,42 @@ def test_two_faked_nodes_run_the_multinode_deepspeed_path_and_submit_the_audit_a
     assert dist["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 32  # GLOBAL_BATCH / 2 ranks
     assert (load_npz(run_dir / "ledger.npz")["members"] == EPOCHS).all()
     audit = subprocess.run(["bash", str(REPO / "slurm" / "audit.sh"), str(run_dir), "audit.n_boot=20"], cwd=tmp_path,
-                           env={**env, "SLURM_JOB_NUM_NODES": "1"}, capture_output=True, text=True, timeout=600)
+                           env={**env, "SLURM_JOB_NUM_NODES": "1"}, capture_output=True, text=True, timeout=600,
+                           check=False)
     assert audit.returncode == 0 and "audit report: " in audit.stdout, audit.stdout[-3000:] + audit.stderr[-3000:]
+
+
+def test_usr1_to_the_faked_job_checkpoints_the_ranks_requeues_and_the_requeue_finishes(tmp_path, train_root):
+    """USR1 to the batch shell (Slurm's --signal=B:USR1) on 2 faked nodes: the script forwards it through
+    srun, the ranks checkpoint the step they reach and exit 0, the script requeues; its rerun resumes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4343", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "1",
+           "GLOBAL_BATCH": "64", "RUNS_DIR": str(tmp_path / "runs"), "FAKE_LOG": str(tmp_path)}
+    cmd = ["bash", str(SCRIPT), *tiny_overrides(train_root, "train.ckpt_every_epochs=1", "train.keep_checkpoints=0")]
+    run_dir = tmp_path / "runs" / "4343"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "latest").exists():  # the first epoch's end: the ranks train on
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-4000:]
+        time.sleep(0.05)
+    first = json.loads((latest_checkpoint(run_dir) / "train_state.json").read_text())["step"]
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "stopped by SIGUSR1 at step" in out and "requeueing job 4343" in out
+    assert (tmp_path / "requeued").read_text().split() == ["4343"]
+    stopped = latest_checkpoint(run_dir)
+    assert json.loads((stopped / "train_state.json").read_text())["step"] > first
+    assert not (run_dir / "model.safetensors").exists()
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0 and f"resuming from {stopped}" in again.stdout, (
+        again.stdout[-3000:] + again.stderr[-3000:])
+    assert (load_npz(run_dir / "ledger.npz")["members"] == EPOCHS).all()
 
 
 @pytest.fixture(scope="module")
