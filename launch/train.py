@@ -16,13 +16,14 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def main(cfg: dict) -> None:
-    """Train, then audit (``run.audit``); a run stopped by SIGUSR1/SIGTERM has checkpointed: exit 0, no audit."""
+    """Train, then audit (``run.audit``); a run stopped by SIGUSR1/SIGTERM has checkpointed: exit 0 at once (no
+    audit, no further run of a sweep)."""
     try:
         run_dir = train(cfg)
     except Stopped as stopped:
         if PartialState().is_main_process:
-            print(stopped)
-        return
+            print(stopped, flush=True)
+        raise SystemExit(0) from None
     if PartialState().is_main_process:
         print(f"run finished: {run_dir}")
     if cfg["run"]["audit"]:  # configs/audit.yaml's defaults, on this run and the dataset root it was trained on
