@@ -298,6 +298,18 @@ def test_step_stats_sums_and_ratios():
     np.testing.assert_allclose(external, torch.sigmoid(torch.tensor([-3.0, 0.5])).numpy(), rtol=1e-6)
 
 
+def test_step_stats_add_reads_nothing_back_to_the_host(monkeypatch):
+    """No .item(), int(), float(), bool(), .tolist(), .numpy() or .cpu() on a tensor in add(): on a GPU each
+    would be a host sync per micro-step."""
+    stats = StepStats()
+    for name in ("item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"Tensor.{_n} in add()"))
+    for _ in range(2):
+        stats.add(stats_batch(), LOGITS, MINT_LOGIT, LossParts(torch.tensor(0.7), torch.tensor(0.5)), 0.2, 1.0)
+    monkeypatch.undo()
+    assert stats.sums_dict()["member_rows"] == 4 and stats.sums_dict()["steps"] == 2
+
+
 def test_step_stats_ratios_over_two_identical_ranks_equal_one_ranks():
     stats = StepStats()
     stats.add(stats_batch(), LOGITS, MINT_LOGIT, LossParts(torch.tensor(0.7), torch.tensor(0.5)), 0.2, 1.0)
