@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from _record import REPO, alternate, record, set_threads, verdict
+from _record import REPO, RESULTS, alternate, record, set_threads, verdict
 from amint_dist.cli import to_dict
 from amint_dist.train.accelerator import make_accelerator
 from amint_dist.models import build_auditable_model
@@ -305,13 +305,14 @@ def main() -> None:
                    help="also time both sides as they were before the performance work (default AdamW, plain pooling)")
     p.add_argument("--compile", action="store_true", help="also time both sides under torch.compile")
     p.add_argument("--tmp", default="/tmp/amint_bench_train")
+    p.add_argument("--results", type=Path, default=RESULTS, help="the JSON-lines file results are appended to")
     p.add_argument("override", nargs="*", help="extra Hydra overrides for both sides (e.g. mint.head.channels=32)")
     args = p.parse_args()
     threads = set_threads(args.threads)
     models = args.models or (["vit_digits", "vit_small"] + (["vit_b16"] if torch.cuda.is_available() else []))
     cache: dict = {}
     for name in models:
-        record("train_throughput", {"threads": threads, **bench_model(name, args, cache)})
+        record("train_throughput", {"threads": threads, **bench_model(name, args, cache)}, args.results)
 
 
 if __name__ == "__main__":

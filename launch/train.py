@@ -10,12 +10,20 @@ from amint_dist.cli import run_cli
 from amint_dist.config import help_lines
 from amint_dist.train.config import JobConfig
 from amint_dist.train.loop import train
+from amint_dist.train.preemption import Stopped
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def main(cfg: dict) -> None:
-    run_dir = train(cfg)
+    """Train, then audit (``run.audit``); a run stopped by SIGUSR1/SIGTERM has checkpointed: exit 0 at once (no
+    audit, no further run of a sweep)."""
+    try:
+        run_dir = train(cfg)
+    except Stopped as stopped:
+        if PartialState().is_main_process:
+            print(stopped, flush=True)
+        raise SystemExit(0) from None
     if PartialState().is_main_process:
         print(f"run finished: {run_dir}")
     if cfg["run"]["audit"]:  # configs/audit.yaml's defaults, on this run and the dataset root it was trained on

@@ -11,6 +11,7 @@ with the same weights up to float rounding: a wrong gradient average, learning r
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -226,7 +227,11 @@ def model_and_weights(run_dir: Path):
 
 
 def test_final_weights_load_exactly_and_match_the_ddp_reference(resumed, two_machines):
-    _, run_dir = resumed
+    assert_weights_match(resumed[1], two_machines)
+
+
+def assert_weights_match(run_dir: Path, two_machines: Path) -> None:
+    """The run's final weights load strictly and end within 1e-3 of the DDP reference's update."""
     model, weights = model_and_weights(run_dir)
     initial = {k: v.detach().clone() for k, v in model.named_parameters()}
     assert set(weights) == set(model.state_dict()) and not any(k.startswith("module.") for k in weights)
@@ -235,6 +240,32 @@ def test_final_weights_load_exactly_and_match_the_ddp_reference(resumed, two_mac
     diff = sum(float((weights[k] - reference[k]).square().sum()) for k in initial) ** 0.5
     update = sum(float((reference[k] - initial[k]).square().sum()) for k in initial) ** 0.5
     assert update > 0.1 and diff < 1e-3 * update, f"|engine - ddp| = {diff:.3g}, |ddp update| = {update:.3g}"
+
+
+def test_sigusr1_checkpoints_the_step_reached_exits_0_and_resumes_to_the_uninterrupted_run(tmp_path, train_root,
+                                                                                            two_machines):
+    """A plain SIGUSR1 to both DDP ranks mid second epoch: they agree on a step, checkpoint it and exit 0."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "signalled.log"
+    proc = start(train_command(run_dir, train_root, *COMMON, launcher=launcher("ddp")), log)
+    deadline = time.monotonic() + 300
+    while not checkpoints(run_dir):  # the first epoch's checkpoint: the ranks train on, their handlers installed
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.05)
+    first = train_state(checkpoints(run_dir)[0])
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    assert len(ranks) == 2
+    for rank in ranks:
+        rank.send_signal(signal.SIGUSR1)
+    finish(proc, log)
+    stopped = re.search(r"stopped by SIGUSR1 at step (\d+): checkpoint (step-\d+)", log.read_text())
+    assert stopped, log.read_text()[-4000:]
+    last = checkpoints(run_dir)[-1]
+    assert last.name == stopped[2] and train_state(last)["step"] == int(stopped[1]) > first["step"]
+    assert not (run_dir / "model.safetensors").exists()  # stopped, not finished
+    run_train(run_dir, train_root, *COMMON, "resume=latest", launcher=launcher("ddp"))
+    assert (assert_same_ledger(run_dir, two_machines)["members"] == EPOCHS).all()
+    assert_weights_match(run_dir, two_machines)
 
 
 def test_two_machines_both_train_and_appear_in_the_ledger(two_machines):

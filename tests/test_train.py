@@ -78,6 +78,10 @@ def test_tensorboard_events_read_back(traced_run):
     assert max(lrs) > lrs[-1] > 0  # warm-up then cosine decay
     waits = [e.value for e in events.Scalars("train/data_wait_frac")]
     assert all(0.0 <= w <= 1.0 for w in waits)
+    peaks = [e.value for e in events.Scalars("train/peak_memory_gib")]  # peak RSS on CPU: never falls
+    assert 0.05 < peaks[0] <= peaks[-1] < 64 and peaks == sorted(peaks)
+    norms = [e.value for e in events.Scalars("train/grad_norm")]
+    assert len(norms) == len(lrs) and all(math.isfinite(n) and n > 0 for n in norms)
 
 
 def test_interrupted_run_resumes_to_the_same_ledger(tmp_path, train_root, traced_run):

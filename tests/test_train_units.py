@@ -298,6 +298,18 @@ def test_step_stats_sums_and_ratios():
     np.testing.assert_allclose(external, torch.sigmoid(torch.tensor([-3.0, 0.5])).numpy(), rtol=1e-6)
 
 
+def test_step_stats_add_reads_nothing_back_to_the_host(monkeypatch):
+    """No .item(), int(), float(), bool(), .tolist(), .numpy() or .cpu() on a tensor in add(): on a GPU each
+    would be a host sync per micro-step."""
+    stats = StepStats()
+    for name in ("item", "tolist", "numpy", "cpu", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"Tensor.{_n} in add()"))
+    for _ in range(2):
+        stats.add(stats_batch(), LOGITS, MINT_LOGIT, LossParts(torch.tensor(0.7), torch.tensor(0.5)), 0.2, 1.0)
+    monkeypatch.undo()
+    assert stats.sums_dict()["member_rows"] == 4 and stats.sums_dict()["steps"] == 2
+
+
 def test_step_stats_ratios_over_two_identical_ranks_equal_one_ranks():
     stats = StepStats()
     stats.add(stats_batch(), LOGITS, MINT_LOGIT, LossParts(torch.tensor(0.7), torch.tensor(0.5)), 0.2, 1.0)
@@ -438,6 +450,16 @@ def test_accelerate_launch_bf16_gives_a_bf16_accelerator_and_deepspeed_autocast(
     ds = deepspeed_config(TrainConfig(), OptimConfig(), resolve_precision("auto"),
                           Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json")
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["bf16"]["enabled"]
+
+
+def test_dist_timeout_reaches_the_process_group_kwargs(fresh_accelerate):
+    from datetime import timedelta
+
+    from amint_dist.train.accelerator import make_accelerator
+    from amint_dist.train.config import OptimConfig, TrainConfig
+
+    accelerator = make_accelerator(TrainConfig(precision="no", dist_timeout_s=77), OptimConfig())
+    assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(seconds=77)}  # what init_process_group gets
 
 
 def test_typed_config_names_the_dotted_key_in_one_line():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,17 +48,20 @@ def resolve_precision(precision: str) -> str:
 
 
 def make_accelerator(train_cfg: TrainConfig, optim_cfg: OptimConfig) -> Accelerator:
-    """The run's single Accelerator; refuses a world smaller than the launcher started."""
+    """The run's single Accelerator (its process group times out after ``train.dist_timeout_s``); refuses a world
+    smaller than the launcher started."""
     precision = resolve_precision(train_cfg.precision)
     kwargs: dict[str, Any] = {}
     no_cuda = cpu_only()
+    group = {"timeout": timedelta(seconds=train_cfg.dist_timeout_s)}
     if under_deepspeed():
         kwargs["deepspeed_plugin"] = deepspeed_plugin(deepspeed_config(train_cfg, optim_cfg, precision))
         if no_cuda:  # Accelerate picks no backend on CPU unless told: every rank would think it is alone
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            group["backend"] = "gloo"
     elif no_cuda and launched_world() > 1:
         kwargs["cpu"] = True  # Accelerate's multi-CPU DDP over gloo
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=train_cfg.grad_accum, **kwargs)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=train_cfg.grad_accum,
+                              kwargs_handlers=[InitProcessGroupKwargs(**group)], **kwargs)
     check_world(accelerator)
     return accelerator
 

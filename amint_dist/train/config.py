@@ -33,6 +33,8 @@ class TrainConfig(Config):
     probe_batch_size: Literal["auto"] | int = option("auto", lo=0, help="auto: keeps the probe split's epochs in pace")
     grad_accum: int = option(1, lo=1, help="micro-batches per optimizer step")
     compile: bool = option(False, help="torch.compile the model's forward (inductor)")
+    grad_checkpointing: bool = option(
+        False, help="recompute the backbone's blocks in backward (timm set_grad_checkpointing): less memory, more compute")
     channels_last: Literal["auto"] | bool = option("auto", help="auto: NHWC for CNN backbones on CUDA | true | false")
     precision: Literal["auto", "no", "bf16", "fp16"] = option(
         "auto", help="auto: Accelerate's mixed_precision if set, else bf16 on GPUs that have it, else no")
@@ -45,6 +47,8 @@ class TrainConfig(Config):
     ckpt_every_epochs: int = option(10, lo=0, help="epochs between checkpoints; 0: none at epoch ends")
     keep_checkpoints: int = option(2, lo=0, help="complete checkpoints kept (0: all)")
     exposure_log: bool = option(False, help="per-rank trace of every consumed sample in RUN/exposure_log")
+    dist_timeout_s: int = option(
+        1800, lo=1, help="seconds a collective may wait before the process group (NCCL, gloo) fails the run")
 
     def __post_init__(self) -> None:
         if self.mixup or self.cutmix:  # a blended member is no sample the ledger or the audit can name

@@ -10,6 +10,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
@@ -24,13 +25,15 @@ from amint_dist.records.trail import AuditTrail
 from amint_dist.provenance import write_provenance
 from amint_dist.run_dir import claim_run_dir
 from amint_dist.tb import Monitor
-from amint_dist.train.accelerator import make_accelerator
+from amint_dist.train.accelerator import make_accelerator, resolve_precision
 from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.checkpoint import clean_partials, latest_checkpoint, load_checkpoint
 from amint_dist.train.config import JobConfig
 from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.exposure_trace import ExposureTrace
 from amint_dist.train.optim import make_optimizer
+from amint_dist.train.precision import check_compute_dtype, compute_dtype
+from amint_dist.train.preemption import StopSignals, Stopped
 from amint_dist.train.reporting import Reporter
 from amint_dist.train.skips import SkipBudget
 from amint_dist.train.state import TrainState
@@ -64,6 +67,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
         held.enter_context(main_process_holds(accelerator, lambda: claim_run_dir(run_dir, config.resume)))
         optimizer = make_optimizer(model.param_groups(config.optim.weight_decay), config.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
+        _check_precision(config, accelerator, model, data_config["input_size"])
         trail = AuditTrail(run_dir, sha256_file(Path(config.data.root) / "splits.json"), Signer.from_env())
         state, ledger, resumed = _start(config, accelerator, run_dir, manifest["counts"], trail)
         _record_start(cfg, accelerator, run_dir, trail, state, resumed)
@@ -71,9 +75,13 @@ def train(cfg: Mapping[str, Any]) -> Path:
         monitor = Monitor(run_dir, accelerator.is_main_process, resume_at=(state.step, state.epoch) if resumed else None)
         reporter = Reporter(monitor, SkipBudget.for_dataset(config.data.max_skip_fraction, manifest),
                             partial(reduce_sum, accelerator), accelerator.num_processes)
-        trainer = Trainer(config, accelerator, model, optimizer, streams, state, ExposureRecorder(ledger, trace),
-                          reporter, run_dir, memory_format=memory_format, trail=trail, resumed_from=resumed)
-        trainer.fit()
+        with StopSignals(accelerator.num_processes) as stop:
+            trainer = Trainer(config, accelerator, model, optimizer, streams, state, ExposureRecorder(ledger, trace),
+                              reporter, run_dir, memory_format=memory_format, trail=trail, resumed_from=resumed,
+                              stop=stop)
+            trainer.fit()
+        if trainer.stopped:
+            _stop(trainer, stop.name())
         save_final_model(accelerator, model, run_dir, model_cfg, config.mint, data_config, config.data.root, manifest)
         _finish(trainer)
         return run_dir
@@ -83,9 +91,20 @@ def _build_model(config: JobConfig, model_cfg: ModelConfig) -> tuple[AuditableMo
     """The model and its timm data config; one dry forward, so that a model that builds but cannot compute is
     refused in one line now."""
     model = build_auditable_model(model_cfg, config.mint)
+    if config.train.grad_checkpointing:
+        model.backbone.set_grad_checkpointing(True)  # timm honours it inside forward_intermediates too
     data_config = data_config_for(model.backbone, model_cfg.img_size, model_cfg.in_chans, config.data.transform)
     model.check_forward(data_config["input_size"])
     return model, data_config
+
+
+def _check_precision(config: JobConfig, accelerator: Accelerator, model: torch.nn.Module,
+                     input_size: tuple[int, ...]) -> None:
+    """Log the dtype the prepared engine computes in; refuse one that ``train.precision`` did not ask for."""
+    precision = resolve_precision(config.train.precision)
+    dtype = compute_dtype(model, input_size, accelerator.device)
+    accelerator.print(f"compute dtype: {dtype} (train.precision={config.train.precision} -> {precision})")
+    check_compute_dtype(precision, dtype)
 
 
 def _refuse_compile_under_zero3(config: JobConfig, accelerator: Accelerator) -> None:
@@ -128,6 +147,14 @@ def _record_start(cfg: Mapping[str, Any], accelerator: Accelerator, run_dir: Pat
         trail.start(run_dir / "config.yaml", accelerator.num_processes)
     else:
         trail.append("resume", checkpoint=resumed.name, step=state.step, world_size=accelerator.num_processes)
+
+
+def _stop(trainer: Trainer, signal_name: str) -> None:
+    """After a stop signal's checkpoint: TensorBoard closed, every rank done, then :class:`Stopped`."""
+    trainer.reporter.monitor.close()
+    trainer.accelerator.wait_for_everyone()
+    raise Stopped(f"stopped by {signal_name} at step {trainer.state.step}: checkpoint {trainer.last_checkpoint} in "
+                  f"{trainer.run_dir}; resume=latest continues")
 
 
 def _finish(trainer: Trainer) -> None:

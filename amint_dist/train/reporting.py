@@ -37,11 +37,14 @@ class Reporter:
         """The samples this rank's readers skipped since their previous batches (merged at the next log)."""
         self.pending_skips.extend(skipped_entries(parts))
 
-    def log_window(self, state: TrainState, ledger: ExposureLedger, lr: float) -> dict[str, float]:
-        """TensorBoard points of the window since the last; returns the rank-summed summary."""
+    def log_window(self, state: TrainState, ledger: ExposureLedger, lr: float,
+                   local: Mapping[str, float] | None = None) -> dict[str, float]:
+        """TensorBoard points of the window since the last, with ``local`` scalars of this rank (rank 0's are
+        the ones written); returns the rank-summed summary."""
         self.merge_skips(state, ledger)
         summary = self.window.reduce(self.reduce_sum)
         summary["train/lr"] = lr
+        summary.update(local or {})
         self.monitor.scalars(summary, state.step)
         members, external = self.window.mint_scores()
         self.monitor.histogram("train/mint_score_members", members, state.step)

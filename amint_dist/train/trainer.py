@@ -7,6 +7,7 @@ fetches the batches, steps, logs, checkpoints and ends the run's last epoch.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -26,7 +27,9 @@ from amint_dist.train.config import JobConfig
 from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
 from amint_dist.train.negatives import shifted_batch
+from amint_dist.train.preemption import StopSignals
 from amint_dist.train.reporting import Reporter
+from amint_dist.train.resources import resource_scalars
 from amint_dist.train.schedule import lr_at
 from amint_dist.train.state import TrainState
 
@@ -49,12 +52,15 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, streams: Mapping[str, ShardedSplitStream], state: TrainState,
                  exposure: ExposureRecorder, reporter: Reporter, run_dir: Path, *,
                  memory_format: torch.memory_format = torch.contiguous_format, trail: AuditTrail | None = None,
-                 resumed_from: Path | None = None):
+                 resumed_from: Path | None = None, stop: StopSignals | None = None):
         """``resumed_from``: the checkpoint ``state`` was loaded from (its position counts as saved; this rank's
-        running statistics continue from it)."""
+        running statistics continue from it). ``stop``: checked at every optimizer step; once the ranks agree,
+        the step is checkpointed and :meth:`fit` returns early with ``stopped`` set."""
         self.config, self.accelerator, self.model, self.optimizer = config, accelerator, model, optimizer
         self.streams, self.state, self.exposure, self.reporter = streams, state, exposure, reporter
-        self.run_dir, self.memory_format, self.trail = run_dir, memory_format, trail
+        self.run_dir, self.memory_format, self.trail, self.stop = run_dir, memory_format, trail, stop
+        self.stopped = False
+        self.grad_norm: torch.Tensor | float | None = None  # the last optimizer step's (under DeepSpeed: a float)
         tcfg = config.train
         self.total_steps = sum(len(self._members_epoch(e)) for e in range(tcfg.epochs)) // tcfg.grad_accum
         if tcfg.max_steps > 0:
@@ -120,8 +126,8 @@ class Trainer:
             if self.losses.norms is None:
                 self._set_norms(losses)
             self.accelerator.backward(self.losses(losses))
-            if self.accelerator.sync_gradients and clip > 0:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), clip)
+            if self.accelerator.sync_gradients:  # clip=0: max_norm inf, the norm alone (grads times 1.0)
+                self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip or math.inf)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return logits, mint_logit, losses
@@ -171,20 +177,24 @@ class Trainer:
                 self._end_epoch()
 
     def _after_optimizer_step(self, bar: tqdm) -> None:
-        """Progress, TensorBoard every ``train.log_every`` steps, checkpoints every ``train.ckpt_every_steps``."""
+        """Progress, TensorBoard every ``train.log_every`` steps, checkpoints every ``train.ckpt_every_steps`` and
+        when a stop signal is agreed on."""
         tcfg = self.config.train
         bar.update(1)
         if self.state.step % tcfg.log_every == 0:
-            summary = self.reporter.log_window(self.state, self.exposure.ledger, self.lr())
+            summary = self.reporter.log_window(self.state, self.exposure.ledger, self.lr(),
+                                               resource_scalars(self.accelerator.device, self.grad_norm))
             bar.set_postfix({k.split("/")[1]: f"{summary[k]:.4f}" for k in ("train/task_loss", "train/mint_loss")
                              if k in summary}, refresh=False)
         if tcfg.ckpt_every_steps and self.state.step % tcfg.ckpt_every_steps == 0:
             self.ckpt_due = True
+        if self.stop is not None and not self.done() and self.stop.agreed():  # the same answer on every rank
+            self.stopped = self.ckpt_due = True
         if self.ckpt_due and not self._epoch_over():  # else after the epoch's end: no step is split
             self.checkpoint()
 
     def done(self) -> bool:
-        return self.state.step >= self.total_steps
+        return self.stopped or self.state.step >= self.total_steps
 
     def _position(self) -> tuple[int, int, int]:
         return self.state.step, self.state.epoch, self.state.batch_in_epoch
