@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU smoke test (<= 8 minutes on one H200): a synthetic ImageNet-shaped root of real JPEGs, then JSON lines in
+# GPU smoke test (meant for <= 8 minutes on one H200; a first full-size try did not finish in 520 s): a
+# synthetic ImageNet-shaped root of real JPEGs, then JSON lines in
 # OUT/gpu_smoke.jsonl:
 #   1. train_throughput: ViT-B/16 rows/s, plain timm loop vs aMINT vs our loop with mint.mode=off (--decompose),
 #      single process, bf16 (train.precision=auto on a bf16 GPU), synthetic tensors (no data loading)
