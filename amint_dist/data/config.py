@@ -8,6 +8,29 @@ from typing import Literal
 from amint_dist.config import Config, ConfigError, as_number, option
 from amint_dist.data.images import DEFAULT_MAX_PIXELS
 from amint_dist.data.splits import validate_fractions
+from amint_dist.data.subset import SubsetRule
+
+POOL_SPLITS = ("members", "probe", "heldout")  # splits a reference run's subset may draw from
+
+
+@dataclass
+class SubsetConfig(Config):
+    """A reference run: its task + MINT-positive samples are a key-hash subset of a pool (data/subset.py)."""
+
+    section = "data.subset"
+
+    pool: list = option(["members", "heldout"], help="splits the subset draws from (must include members)")
+    fraction: float = option(0.5, lo=0, hi=1, lo_open=True, help="share of the pool read: hash_unit(seed, 'subset:'+key) < fraction")
+    seed: int | None = option(None, lo=0, help="the reference run's subset seed (one per run); null: no subset")
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.pool if s not in POOL_SPLITS]
+        if bad or "members" not in self.pool or len(set(self.pool)) != len(self.pool):
+            raise self.error("pool", f"expected distinct splits of {list(POOL_SPLITS)}, members among them")
+
+    def rule(self) -> SubsetRule:
+        return SubsetRule(self.seed, self.fraction)
+
 
 FRACTIONS = {"members": 0.40, "probe": 0.10, "external": 0.25, "heldout": 0.25}
 
@@ -35,6 +58,12 @@ class DataConfig(Config):
     max_skip_fraction: float = option(0.01, lo=0, hi=1, help="training stops when more of the samples read were skipped")
     transform: dict = option({}, help="overrides of timm's data config (crop_pct, interpolation, mean, std)")
     augment: dict = option({}, help="timm create_transform(is_training=True) options; empty: no augmentation")
+    subset: SubsetConfig | None = option(None, help="a reference run's member subset (data.subset.*); null: off")
+
+    @property
+    def reference_subset(self) -> SubsetConfig | None:
+        """The subset a reference run reads (``data.subset`` with a seed), None for an ordinary run."""
+        return self.subset if self.subset is not None and self.subset.seed is not None else None
 
     def __post_init__(self) -> None:
         bad = next((f"{k}={v!r}" for k, v in self.fractions.items() if as_number(v) is None), None)

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from amint_dist.data.images import DEFAULT_MAX_PIXELS
 from amint_dist.data.samples import SkipLog, decode_sample, seeded_rng
+from amint_dist.data.subset import SubsetRule
 from amint_dist.io import read_json
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class SplitShards:
     urls: tuple[str, ...]
     lengths: tuple[int, ...]
     keys_file: str | None = None  # keys.txt: key of index i on line i (names the samples a short shard lost)
+    subset: SubsetRule | None = None  # reference runs: only the keys it keeps are read (data/subset.py)
 
     @classmethod
     def from_root(cls, root: str | Path, split: str) -> SplitShards:
@@ -59,6 +61,17 @@ class SplitShards:
         """Sample indices each shard holds (prepare writes a split's samples to its shards in index order)."""
         starts = itertools.accumulate(self.lengths, initial=0)
         return {url: range(start, start + n) for url, start, n in zip(self.urls, starts, self.lengths)}
+
+    @functools.cached_property
+    def read_lengths(self) -> tuple[int, ...]:
+        """Samples read from each shard: all of them, or (with ``subset``) those it keeps, counted from keys.txt."""
+        if self.subset is None:
+            return self.lengths
+        with open(self.keys_file or "", encoding="utf-8") as f:
+            kept = self.subset.kept([line.rstrip("\n") for line in f])
+        if len(kept) != self.num_samples:
+            raise ValueError(f"{self.keys_file}: {len(kept)} keys, but split {self.split!r} holds {self.num_samples}")
+        return tuple(sum(kept[r.start:r.stop]) for r in self.index_ranges.values())
 
     def shard_keys(self, url: str) -> list[str] | None:
         """The keys shard ``url`` should hold, from keys.txt (None when that is unreadable)."""
@@ -133,7 +146,7 @@ class ShardedSplitStream(IterableDataset):
         if epoch not in self._batches_per_reader:
             order = epoch_shard_order(len(self.shards.urls), self.seed, epoch)
             fullest = max(
-                sum(self.shards.lengths[i] for i in reader_shards(order, r, self.world, w, self.readers))
+                sum(self.shards.read_lengths[i] for i in reader_shards(order, r, self.world, w, self.readers))
                 for r in range(self.world)
                 for w in range(self.readers)
             )
@@ -173,6 +186,8 @@ class ShardedSplitStream(IterableDataset):
             wds.tarfile_to_samples(handler=skips.tar_error),
             _count_per_shard(skips, self.shards, mine),
         ]
+        if self.shards.subset is not None:  # unselected samples are dropped before decoding
+            stages.append(wds.select(functools.partial(_selected, self.shards.subset)))
         if self.shuffle:
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(reader_seed)))
         samples = iter(wds.DataPipeline(*stages))
@@ -200,6 +215,12 @@ class ShardedSplitStream(IterableDataset):
             "key": [r["key"] if r else "" for r in rows],
             "skipped": skips.drain(),
         }
+
+
+def _selected(subset: SubsetRule, sample: dict) -> bool:
+    """A reference run's subset keeps the sample (an odd key is kept: decoding reports it as a skip)."""
+    key = sample.get("__key__")
+    return not isinstance(key, str) or subset.keeps(key)
 
 
 def _count_per_shard(skips: SkipLog, shards: SplitShards, urls: list[str]):

@@ -64,7 +64,8 @@ class MintConfig(Config):
     def on(self) -> bool:
         return self.mode != "off"
 
-    def shifts(self) -> dict[str, int]:
-        """Split -> max shift of its shifted copies (extra MINT negatives); only the splits that get them."""
-        shifts = {"members": self.member_shift, "external": self.external_shift}
+    def shifts(self, positives: tuple[str, ...] = ("members",)) -> dict[str, int]:
+        """Split -> max shift of its shifted copies (extra MINT negatives); only the splits that get them.
+        ``positives``: the splits ``member_shift`` applies to (a reference run's pool)."""
+        shifts = {**{split: self.member_shift for split in positives}, "external": self.external_shift}
         return {split: s for split, s in shifts.items() if s} if self.on else {}

@@ -38,29 +38,32 @@ class CyclingBatches:
         return batch
 
 
-TASK_PARTS = ("members", "probe")  # rows with a task loss
-MINT_POSITIVE_PARTS = ("members",)
-MINT_NEGATIVE_PARTS = ("external", "members_shifted", "external_shifted")
+TASK_PARTS = ("members", "probe")  # rows with a task loss (and a reference run's positives)
+MINT_POSITIVE_PARTS = ("members",)  # a reference run's: its pool splits
+SHIFTED = "_shifted"  # suffix of the shifted copies of a part: MINT negatives
 
 
 def combine(parts: Mapping[str, dict], device: torch.device,
-            memory_format: torch.memory_format = torch.contiguous_format) -> dict:
+            memory_format: torch.memory_format = torch.contiguous_format,
+            positives: tuple[str, ...] = MINT_POSITIVE_PARTS) -> dict:
     """Concatenate the step's batches into one forward's tensors (images in ``memory_format``) and per-row
-    loss masks."""
+    loss masks; ``positives``: the parts that are MINT positives (and task rows)."""
     def rows_of(names: tuple[str, ...]) -> torch.Tensor:
         return torch.cat([torch.full((len(b["label"]),), name in names) for name, b in parts.items()])
+
+    negatives = ("external", *(name for name in parts if name.endswith(SHIFTED)))
 
     cat = lambda key: torch.cat([b[key] for b in parts.values()])  # noqa: E731
     # each part to the device first, then one cat there: copies from the loaders' pinned batches (on CUDA)
     # stay asynchronous, where a CPU-side cat would make a pageable (synchronous) copy
     on_device = lambda key: torch.cat([b[key].to(device, non_blocking=True) for b in parts.values()])  # noqa: E731
     valid = cat("valid")
-    is_member = rows_of(MINT_POSITIVE_PARTS)
+    is_member = rows_of(positives)
     return {
         "image": on_device("image").contiguous(memory_format=memory_format),
         "label": on_device("label"),
-        "task_mask": (valid & rows_of(TASK_PARTS)).to(device),
-        "mint_mask": (valid & (is_member | rows_of(MINT_NEGATIVE_PARTS))).to(device),
+        "task_mask": (valid & rows_of(TASK_PARTS + positives)).to(device),
+        "mint_mask": (valid & (is_member | rows_of(negatives))).to(device),
         "is_member": is_member.to(device),
         "is_external": rows_of(("external",)).to(device),
         "valid": valid,

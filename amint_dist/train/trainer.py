@@ -32,6 +32,7 @@ from amint_dist.train.reporting import Reporter
 from amint_dist.train.resources import resource_scalars
 from amint_dist.train.schedule import lr_at
 from amint_dist.train.state import TrainState
+from amint_dist.train.streams import positive_splits
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Trainer:
         self.streams, self.state, self.exposure, self.reporter = streams, state, exposure, reporter
         self.run_dir, self.memory_format, self.trail, self.stop = run_dir, memory_format, trail, stop
         self.stopped = False
+        self.positives = positive_splits(config)  # task + MINT-positive splits: members, or a reference run's pool
         self.grad_norm: torch.Tensor | float | None = None  # the last optimizer step's (under DeepSpeed: a float)
         tcfg = config.train
         self.total_steps = sum(len(self._members_epoch(e)) for e in range(tcfg.epochs)) // tcfg.grad_accum
@@ -87,7 +89,7 @@ class Trainer:
 
     def with_negatives(self, parts: Mapping[str, dict]) -> dict[str, dict]:
         """``parts`` plus shifted copies (``mint.member_shift`` / ``external_shift``), seeded by the position."""
-        shifts = self.config.mint.shifts()
+        shifts = self.config.mint.shifts(self.positives)
         if not shifts:
             return dict(parts)
         gen = torch.Generator().manual_seed(hash((self.config.train.seed, self.state.step, self.state.batch_in_epoch,
@@ -100,7 +102,7 @@ class Trainer:
         and statistics; ``data_wait`` (seconds spent fetching ``parts``) goes to the statistics."""
         started = time.perf_counter()
         parts = self.with_negatives(parts)
-        batch = combine(parts, self.accelerator.device, self.memory_format)
+        batch = combine(parts, self.accelerator.device, self.memory_format, self.positives)
         logits, mint_logit, losses = self._forward_backward(batch)
         self.exposure.record(self.state.step, parts)
         self.reporter.note_skips(parts)
