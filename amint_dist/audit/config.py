@@ -37,6 +37,10 @@ class AuditConfig(Config):
     alpha: float = option(0.01, lo=0, hi=1, lo_open=True, hi_open=True,
                           help="the suspect set test's level: verdict 'used' when the aMINT p-value is below it")
     passive: PassiveConfig = option(PassiveConfig(), help="the passive MINT baseline (audit.passive.*)")
+    reference_runs: list = option([], help="reference run dirs (data.subset runs) for LiRA, RMIA and aMINT-LR")
+    rmia_gamma: float = option(1.0, lo=0, lo_open=True, help="RMIA: a population sample counts when LR(x, z) > gamma")
+    rmia_offline_a: float = option(0.3, lo=0, hi=1, help="offline RMIA: p(x) ~ ((1+a) p_out(x) + (1-a)) / 2")
+    blind: bool = option(True, help="the blind (model-free, pixels only) baseline in every protocol")
 
     def __post_init__(self) -> None:
         names = ["null" if n is None else str(n) for n in self.protocols]  # a bare null (YAML's None): the protocol
@@ -44,3 +48,6 @@ class AuditConfig(Config):
         if unknown:
             raise self.error("protocols", f"unknown {unknown}; valid: {list(PROTOCOLS)}")
         self.protocols = list(dict.fromkeys(names))
+        if len(set(map(str, self.reference_runs))) != len(self.reference_runs):
+            raise self.error("reference_runs", "a reference run is listed twice")
+        self.reference_runs = [str(r) for r in self.reference_runs]

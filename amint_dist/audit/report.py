@@ -130,6 +130,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         integrity_line(report.get("integrity") or {}),
         "",
+        *(f"**{warning}**\n" for warning in report.get("distribution_shift") or []),
         *(suspect_markdown(report["suspect"]) if report.get("suspect") else []),
         f"Task accuracy on heldout: **{_cell(task)}** (n={report['task']['n']}). "
         f"Members: {report['members_rule']}. Thresholds chosen on a "

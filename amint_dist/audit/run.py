@@ -18,9 +18,13 @@ from torch import nn
 
 from amint_dist import __version__
 from amint_dist.audit.baselines import BASELINES
+from amint_dist.audit.blind import BLIND, add_blind_scores, shift_warnings
+from amint_dist.audit.blind import DESCRIPTION as BLIND_DESCRIPTION
 from amint_dist.audit.config import AuditConfig
 from amint_dist.audit.inputs import AuditInputs, describe, load_inputs
 from amint_dist.audit.passive import fresh_head, train_passive
+from amint_dist.audit.power import audit_power
+from amint_dist.audit.references import REFERENCE_METHODS
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
 from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, integrity_notes,
                                      summary_notes, task_section, write_outputs)
@@ -111,11 +115,18 @@ def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: Partia
         scored[split] = gather_split([columns for columns, _ in parts], split)
         skipped[split] = sum((skips for _, skips in parts), Counter())
 
+    power = audit_power(acfg, inputs, model, partial(_eval_streams, acfg, state), list(scored), state.device,
+                        autocast, gather_object, state.process_index, state.num_processes)
+    power.add_to(scored)
     out_dir = Path(acfg.out_dir or Path(run_dir) / "audit")
     if state.is_main_process:
-        methods = [*names, *BASELINES]
+        methods = [*names, *BASELINES, *power.methods]
         samples = [build_protocol(p, scored, inputs.ledger, methods, acfg.seed, acfg.calibration_fraction)
                    for p in protocols]
+        if acfg.blind:
+            for s in samples:
+                add_blind_scores(s, power.signals, acfg.seed)
+            methods.append(BLIND)
         results = {s.name: {"description": PROTOCOLS[s.name][1], "member_split": PROTOCOLS[s.name][0],
                             "nonmember_split": NONMEMBER_SPLIT, **s.counts,
                             **evaluate_protocol(s, methods, acfg.n_boot, acfg.seed)} for s in samples}
@@ -132,9 +143,11 @@ def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: Partia
             if inputs.ledger is not None else "no ledger: members = the members/probe split as prepared",
             "settings": {**{k: v for k, v in asdict(acfg).items() if k != "out_dir"},
                          "world_size": state.num_processes},
-            "methods": {m: METHOD_DESCRIPTIONS[m] for m in methods},
+            "methods": {m: {**METHOD_DESCRIPTIONS, **REFERENCE_METHODS, BLIND: BLIND_DESCRIPTION}[m] for m in methods},
             "integrity": inputs.integrity,
-            "notes": integrity_notes(inputs.integrity) + notes + summary_notes(results),
+            "distribution_shift": shift_warnings(results),
+            "reference_runs": power.record,
+            "notes": shift_warnings(results) + integrity_notes(inputs.integrity) + notes + summary_notes(results),
             "task": task_section({s: c["correct"] for s, c in scored.items()}),
             "scored": {s: {"n": int(c["key"].size), "skipped": dict(skipped[s])} for s, c in scored.items()},
             "passive_training": history,
@@ -169,6 +182,12 @@ def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: AuditConfig, r
     elif pcfg.enabled:
         notes.append("passive MINT skipped: the members or external split is empty")
     return AuditableModel(model.backbone, StackedHeads(heads), model.taps, "passive"), names, history, notes
+
+
+def _eval_streams(acfg: AuditConfig, state: PartialState, run: AuditInputs, model: AuditableModel):
+    """``split -> evaluation stream`` of ``run`` (the audited or a reference run) read for ``model``."""
+    reader = _Reader(run, model, state.process_index, state.num_processes, acfg.workers, acfg.seed)
+    return partial(reader.stream, batch_size=acfg.batch_size, shuffle=False)
 
 
 def _suspect(acfg: AuditConfig, inputs: AuditInputs, reader: _Reader, scorer: nn.Module, names: list[str],
