@@ -23,7 +23,7 @@ from amint_dist.records.artifacts import TamperedError
 from amint_dist.records.ledger import ExposureLedger
 from train_helpers import REPO, run_train
 
-METHODS = ["amint", "passive", "loss", "confidence", "entropy", "modified_entropy"]
+METHODS = ["amint", "passive", "loss", "confidence", "entropy", "modified_entropy", "blind"]
 METRICS = ["balanced_accuracy", "auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"]
 PROTOCOLS = ["seen", "unseen", "null"]
 RUN_FILES = ("model.safetensors", "model_config.json", "config.yaml", "ledger.npz")
