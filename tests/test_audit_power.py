@@ -16,6 +16,7 @@ from amint_dist.audit.references import REFERENCE_METHODS
 from amint_dist.audit.run import audit_config, run_audit
 from train_helpers import REPO, load_npz, run_train
 
+pytestmark = pytest.mark.slow
 PROTOCOLS = ["seen", "unseen", "null"]
 QUICK = {"batch_size": 128, "workers": 0, "n_boot": 50, "passive": {"enabled": False}}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,7 @@ def reference_run(tmp_path_factory, train_root) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_reference_run_ledger_is_its_subset(reference_run, train_root):
     ledger = load_npz(reference_run / "ledger.npz")
     rule = SubsetRule(3, 0.5)
@@ -97,8 +99,40 @@ def test_reference_run_ledger_is_its_subset(reference_run, train_root):
     assert {k for _, s, _, k in trace if s == "heldout"} == {k for k in heldout if rule.keeps(k)}
 
 
+@pytest.mark.slow
 def test_reference_run_resumes_to_the_same_ledger(tmp_path, train_root, reference_run):
     run_dir = tmp_path / "resumed"
     run_train(run_dir, train_root, *REFERENCE, "train.max_steps=17")
     run_train(run_dir, train_root, *REFERENCE, "resume=latest")
     assert_same_ledger(run_dir, reference_run)
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# test double: runs the step here, without srun's options
+while [[ $1 == --* ]]; do shift; done
+exec "$@"
+"""
+
+
+@pytest.mark.slow
+def test_slurm_array_task_trains_its_subset_and_a_resubmitted_task_resumes(tmp_path, train_root):
+    from train_helpers import ENV, REPO, TINY
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{ENV['PATH']}", "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_JOB_ID": "55",
+           "SLURM_JOB_ID": "56", "REFS_DIR": str(tmp_path / "refs"), "AMINT_REPO": str(REPO),
+           "ACCELERATE_CONFIG": "configs/accelerate/single.yaml"}
+    command = ["bash", str(REPO / "slurm" / "reference_models.sh"), f"data.root={train_root}", *TINY,
+               "train.epochs=2", "train.max_steps=6"]
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "refs" / "r1"
+    ledger = load_npz(run_dir / "ledger.npz")
+    chosen = np.array(SubsetRule(1, 0.5).kept(keys_of(train_root, "heldout")))
+    assert not (ledger["heldout"] > 0)[~chosen].any() and (ledger["heldout"] > 0).any()  # its subset, seed 1
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "resuming from" in again.stdout + again.stderr, again.stderr[-3000:]
+    np.testing.assert_array_equal(load_npz(run_dir / "ledger.npz")["heldout"], ledger["heldout"])

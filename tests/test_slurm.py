@@ -56,7 +56,7 @@ FAKE_SBATCH = """#!/usr/bin/env bash
 printf '%s\\n' "$@" >"$FAKE_LOG/sbatch.args"
 echo 777
 """
-SCRIPTS = (SCRIPT, REPO / "slurm" / "audit.sh")
+SCRIPTS = (SCRIPT, REPO / "slurm" / "audit.sh", REPO / "slurm" / "reference_models.sh")
 
 
 def tiny_overrides(data_root: Path, *extra: str) -> list[str]:
