@@ -10,6 +10,9 @@ null where undefined)::
     integrity {status: verified | unsigned | not checked | broken | absent, signature, keys {ed25519, hmac},
                declared, entries, problems [...], checked [...], unrecorded_checkpoints [...]},
                                                                # the run's audit_trail.jsonl (amint_dist.records)
+    distribution_shift [...],          # protocols whose blind (pixels-only) baseline reads above chance, first in notes
+    reference_runs {runs [{run_dir, weights_sha256, ledger_sha256, splits_sha256, subset, integrity}], population_split,
+                    in_rule, coverage {split: {n, in_per_run, in_for_none, out_for_none}}} or null  # docs/audit_power.md
     suspect {path, n, skipped {reason: n}, alpha, verdict (used | no evidence), verdict_method, reference,
              n_reference_nonmembers, n_reference_members, notes [...], scores_file,
              methods {method: {u, auc, p_value, fraction {value, ci95}}}},   # only with audit.suspect
