@@ -113,3 +113,41 @@ def test_untrustworthy_reference_runs_are_refused_in_one_line(runs, tmp_path, pr
         audit(runs["audited"], [ref], tmp_path / "out", protocols=["seen"], blind=False)
     message = str(error.value)
     assert message.startswith(f"reference run {ref}: ") and match in message and "\n" not in message
+
+
+def brightened_member_tree(directory: Path, fractions: dict) -> set[str]:
+    """The digits as a class-per-folder PNG tree whose future members (by the split hash) are brighter."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from amint_dist.data.sources import sanitize_key
+    from amint_dist.data.splits import assign_split
+
+    digits, members = load_digits(), set()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        key = sanitize_key(f"c{label}/d{i:04d}")
+        pixels = image * 12.0
+        if assign_split(0, key, fractions) == "members":
+            pixels, _ = pixels + 60.0, members.add(key)
+        path = directory / f"c{label}" / f"d{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L").save(path)
+    return members
+
+
+def test_blind_baseline_flags_a_root_where_members_are_brighter(tmp_path):
+    from amint_dist.data.prepare import prepare_dataset
+
+    from conftest import prep_cfg
+
+    cfg = prep_cfg("imagefolder", tmp_path / "root", source=str(tmp_path / "tree"), shard_maxcount=32)
+    members = brightened_member_tree(tmp_path / "tree", cfg["fractions"])
+    prepare_dataset(cfg)
+    assert set((tmp_path / "root" / "members" / "keys.txt").read_text().split()) == members
+    run_train(tmp_path / "run", tmp_path / "root", "train.max_steps=2")
+    rep = audit(tmp_path / "run", [], tmp_path / "audit")
+    assert [w.split(":")[0] for w in rep["distribution_shift"]] == ["DISTRIBUTION SHIFT in protocol seen"]
+    assert rep["notes"][0] == rep["distribution_shift"][0]
+    assert rep["protocols"]["seen"]["methods"]["blind"]["auc"]["ci95"][0] > 0.9
+    report_md = (tmp_path / "audit" / "report.md").read_text()
+    assert report_md.index("**DISTRIBUTION SHIFT in protocol seen") < report_md.index("| method |")
