@@ -123,3 +123,48 @@ def test_blind_baseline_reads_chance_on_an_honest_split_and_flags_a_shifted_one(
     assert shifted["ci95"][0] > 0.5
     warnings = shift_warnings(results)
     assert len(warnings) == 1 and warnings[0].startswith("DISTRIBUTION SHIFT in protocol shifted")
+
+
+def test_attacks_calibrate_every_split_alike_and_only_on_the_drawn_splits():
+    """A sample's score must not depend on the split it sits in, nor on a split every reference run trained on
+    (probe outside the pool): the global quantities come from the drawn splits, over all of them at once."""
+    from amint_dist.audit.references import attack_columns
+    from amint_dist.records.ledger import ExposureLedger
+
+    rng = np.random.default_rng(3)
+    k, sizes = 3, {"members": 40, "heldout": 30, "probe": 20, "external": 25}
+
+    def scored(n: int) -> dict:
+        return {"index": np.arange(n), "phi": rng.normal(0, 2, n), "prob": rng.uniform(0.05, 1, n),
+                "mint": rng.normal(0, 3, n)}
+
+    target = {s: scored(n) for s, n in sizes.items()}
+    references = [{s: scored(n) for s, n in sizes.items()} for _ in range(k)]
+    ledgers = []
+    for _ in range(k):
+        ledger = ExposureLedger(sizes)
+        ledger.counts.update({s: (rng.random(n) < 0.5).astype(np.int32) for s, n in sizes.items()})
+        ledger.counts["probe"][:] = 1  # trained by every reference run
+        ledgers.append(ledger)
+    args = (2.0, 0.3, True)
+    both = attack_columns(target, references, ledgers, ["members", "heldout"], *args)
+    with_probe = attack_columns(target, references, ledgers, ["members", "probe", "heldout"], *args)
+    merged = {s: {c: np.concatenate([target["members"][c], target["heldout"][c]]) for c in target["members"]}
+              for s in ("members",)}
+    merged["members"]["index"] = np.arange(70)
+    merged["external"] = target["external"]
+    merged_refs = [{"members": {c: np.concatenate([r["members"][c], r["heldout"][c]]) for c in r["members"]},
+                    "external": r["external"]} for r in references]
+    for r in merged_refs:
+        r["members"]["index"] = np.arange(70)
+    merged_ledgers = []
+    for ledger in ledgers:
+        one = ExposureLedger({"members": 70, "external": sizes["external"]})
+        one.counts["members"][:] = np.concatenate([ledger.counts["members"], ledger.counts["heldout"]])
+        merged_ledgers.append(one)
+    alone = attack_columns(merged, merged_refs, merged_ledgers, ["members"], *args)
+    for method, scores in alone["members"].items():
+        np.testing.assert_allclose(np.concatenate([both["members"][method], both["heldout"][method]]), scores,
+                                   err_msg=method)
+        for split in ("members", "heldout"):
+            np.testing.assert_allclose(with_probe[split][method], both[split][method], err_msg=method)

@@ -72,28 +72,33 @@ def _stacked(references: Sequence[Mapping[str, Scored]], split: str, column: str
 def attack_columns(target: Mapping[str, Scored], references: Sequence[Mapping[str, Scored]],
                    ledgers: Sequence[ExposureLedger], splits: Sequence[str], gamma: float, offline_a: float,
                    with_mint: bool) -> dict[str, dict[str, np.ndarray]]:
-    """Split -> method -> per-sample score (rows in the order of ``target[split]``)."""
+    """Split -> method -> per-sample score (rows in the order of ``target[split]``). The attacks run once over
+    the samples of all ``splits`` together, and what LiRA estimates globally (fixed variances, the IN - OUT
+    gap) comes from the splits the reference runs drew from (IN for some samples, OUT for others): the same
+    calibration for members and non-members of every protocol."""
     population = target[POPULATION_SPLIT]
     population_probs = _stacked(references, POPULATION_SPLIT, "prob", population["index"])
-    out = {}
-    for split in splits:
-        t = target[split]
-        is_in = in_out(ledgers, split, t["index"])
-        phi, prob = (_stacked(references, split, c, t["index"]) for c in ("phi", "prob"))
-        columns = {
-            "lira_online": lira_online(t["phi"], phi, is_in, fixed_variance=False),
-            "lira_online_fixed": lira_online(t["phi"], phi, is_in, fixed_variance=True),
-            "lira_offline": lira_offline(t["phi"], phi, is_in, fixed_variance=False),
-            "lira_offline_fixed": lira_offline(t["phi"], phi, is_in, fixed_variance=True),
-            **{f"rmia_{mode}": rmia_scores(t["prob"], prob, is_in, population["prob"], population_probs, gamma,
-                                           mode == "online", offline_a) for mode in ("online", "offline")},
-        }
-        if with_mint:
-            mint = _stacked(references, split, "mint", t["index"])
-            columns["amint_lr"] = lira_online(t["mint"], mint, is_in, fixed_variance=True)
-            columns["amint_lr_offline"] = lira_offline(t["mint"], mint, is_in, fixed_variance=True)
-        out[split] = columns
-    return out
+    joined = lambda column: np.concatenate([target[s][column] for s in splits])  # noqa: E731
+    stacked = lambda column: np.concatenate([_stacked(references, s, column, target[s]["index"])  # noqa: E731
+                                             for s in splits], axis=1)
+    in_by_split = [in_out(ledgers, s, target[s]["index"]) for s in splits]
+    is_in = np.concatenate(in_by_split, axis=1)
+    drawn = np.concatenate([np.full(m.shape[1], m.any() and not m.all()) for m in in_by_split])  # subset-drawn splits
+    phi, prob = stacked("phi"), stacked("prob")
+    columns = {
+        "lira_online": lira_online(joined("phi"), phi, is_in, False, drawn),
+        "lira_online_fixed": lira_online(joined("phi"), phi, is_in, True, drawn),
+        "lira_offline": lira_offline(joined("phi"), phi, is_in, False, drawn),
+        "lira_offline_fixed": lira_offline(joined("phi"), phi, is_in, True, drawn),
+        **{f"rmia_{mode}": rmia_scores(joined("prob"), prob, is_in, population["prob"], population_probs, gamma,
+                                       mode == "online", offline_a) for mode in ("online", "offline")},
+    }
+    if with_mint:
+        mint = stacked("mint")
+        columns["amint_lr"] = lira_online(joined("mint"), mint, is_in, True, drawn)
+        columns["amint_lr_offline"] = lira_offline(joined("mint"), mint, is_in, True, drawn)
+    bounds = np.cumsum([0, *(target[s]["index"].size for s in splits)])
+    return {s: {m: v[bounds[i]:bounds[i + 1]] for m, v in columns.items()} for i, s in enumerate(splits)}
 
 
 def reference_record(runs: Sequence[AuditInputs], splits: Sequence[str], target: Mapping[str, Scored]) -> dict:
