@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,22 @@ def test_slurm_array_task_trains_its_subset_and_a_resubmitted_task_resumes(tmp_p
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "resuming from" in again.stdout + again.stderr, again.stderr[-3000:]
     np.testing.assert_array_equal(load_npz(run_dir / "ledger.npz")["heldout"], ledger["heldout"])
+
+
+@pytest.mark.slow
+def test_two_rank_reference_run_stopped_and_resumed_reads_its_subset_exactly_once_per_epoch(tmp_path, train_root):
+    """DDP (2 gloo ranks): the ranks share the selected samples; stopped mid-run and resumed, every selected
+    member still entered exactly one optimizer step per epoch, and nothing outside the subset was read."""
+    from train_helpers import REPO, free_port
+
+    def ddp() -> list[str]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "configs" / "accelerate" / "ddp.yaml"), "--main_process_port", str(free_port())]
+
+    run_dir, common = tmp_path / "ddp", ("train.epochs=2", "data.subset.seed=5", "train.batch_size=16")
+    run_train(run_dir, train_root, *common, "train.max_steps=15", launcher=ddp())
+    run_train(run_dir, train_root, *common, "resume=latest", launcher=ddp())
+    ledger, rule = load_npz(run_dir / "ledger.npz"), SubsetRule(5, 0.5)
+    chosen = {s: np.array(rule.kept(keys_of(train_root, s))) for s in ("members", "heldout")}
+    assert (ledger["members"][chosen["members"]] == 2).all() and not ledger["members"][~chosen["members"]].any()
+    assert (ledger["heldout"] > 0).tolist() == chosen["heldout"].tolist()
