@@ -57,6 +57,9 @@ def test_subset_stream_reads_each_selected_sample_once_per_epoch_and_resumes_exa
     selected = {k for k in keys if rule.keeps(k)}
     assert sum(shards.read_lengths) == len(selected) and shards.lengths == SplitShards.from_root(
         train_root, "members").lengths  # on-disk lengths (and index ranges) unchanged
+    in_shards = [keys[r.start:r.stop] for r in shards.index_ranges.values()]
+    assert [[ks[i] for i in at] for ks, at in zip(in_shards, shards.read_positions)] == [
+        [k for k in ks if rule.keeps(k)] for ks in in_shards]  # positions within each shard of what is read
 
     def stream(rank: int) -> ShardedSplitStream:
         return ShardedSplitStream(shards, lambda img: torch.zeros(1, 2, 2), (1, 2, 2), 8, rank=rank, world=world,

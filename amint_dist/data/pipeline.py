@@ -63,15 +63,22 @@ class SplitShards:
         return {url: range(start, start + n) for url, start, n in zip(self.urls, starts, self.lengths)}
 
     @functools.cached_property
-    def read_lengths(self) -> tuple[int, ...]:
-        """Samples read from each shard: all of them, or (with ``subset``) those it keeps, counted from keys.txt."""
+    def read_positions(self) -> tuple[tuple[int, ...], ...] | None:
+        """Per shard, the positions (within the shard) of the samples ``subset`` keeps, from keys.txt; None
+        without a subset (every sample is read)."""
         if self.subset is None:
-            return self.lengths
+            return None
         with open(self.keys_file or "", encoding="utf-8") as f:
             kept = self.subset.kept([line.rstrip("\n") for line in f])
         if len(kept) != self.num_samples:
             raise ValueError(f"{self.keys_file}: {len(kept)} keys, but split {self.split!r} holds {self.num_samples}")
-        return tuple(sum(kept[r.start:r.stop]) for r in self.index_ranges.values())
+        return tuple(tuple(i - r.start for i in r if kept[i]) for r in self.index_ranges.values())
+
+    @property
+    def read_lengths(self) -> tuple[int, ...]:
+        """Samples read from each shard: all of them, or (with ``subset``) those it keeps."""
+        positions = self.read_positions
+        return self.lengths if positions is None else tuple(len(p) for p in positions)
 
     def shard_keys(self, url: str) -> list[str] | None:
         """The keys shard ``url`` should hold, from keys.txt (None when that is unreadable)."""
