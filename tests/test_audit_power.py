@@ -151,3 +151,25 @@ def test_blind_baseline_flags_a_root_where_members_are_brighter(tmp_path):
     assert rep["protocols"]["seen"]["methods"]["blind"]["auc"]["ci95"][0] > 0.9
     report_md = (tmp_path / "audit" / "report.md").read_text()
     assert report_md.index("**DISTRIBUTION SHIFT in protocol seen") < report_md.index("| method |")
+
+
+def test_two_audit_ranks_give_the_one_rank_reference_scores(runs, report, tmp_path):
+    import os
+    import subprocess
+
+    out = tmp_path / "two_ranks"
+    refs = f"audit.reference_runs=[{runs['r0']},{runs['r1']}]"
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", str(REPO / "launch" / "audit.py"),
+           f"run.dir={runs['audited']}", f"audit.out_dir={out}", "audit.passive.enabled=false", "audit.n_boot=50",
+           "audit.workers=1", "audit.batch_size=128", refs]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(out / "scores.npz", allow_pickle=False) as two, \
+            np.load(report[1] / "scores.npz", allow_pickle=False) as one:
+        for p in PROTOCOLS:
+            np.testing.assert_array_equal(two[f"{p}/key"], one[f"{p}/key"])
+            for method in REFERENCE_METHODS:
+                np.testing.assert_allclose(two[f"{p}/{method}"], one[f"{p}/{method}"], rtol=1e-5, atol=1e-6)
+    assert json.loads((out / "report.json").read_text())["reference_runs"]["coverage"] == report[0][
+        "reference_runs"]["coverage"]
