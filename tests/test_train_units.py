@@ -22,7 +22,7 @@ from amint_dist.train.negatives import shifted_batch
 from amint_dist.train.schedule import lr_at
 from amint_dist.train.skips import SkipBudget, SkipBudgetExceeded
 from amint_dist.train.config import JobConfig
-from amint_dist.train.stats import FIELDS, StepStats
+from amint_dist.train.stats import DEVICE_FIELDS, FIELDS, StepStats, step_sums
 from amint_dist.train.streams import check_dataset_fit, read_batches
 
 
@@ -308,6 +308,17 @@ def test_step_stats_add_reads_nothing_back_to_the_host(monkeypatch):
         stats.add(stats_batch(), LOGITS, MINT_LOGIT, LossParts(torch.tensor(0.7), torch.tensor(0.5)), 0.2, 1.0)
     monkeypatch.undo()
     assert stats.sums_dict()["member_rows"] == 4 and stats.sums_dict()["steps"] == 2
+
+
+def test_step_sums_stay_on_the_device_while_valid_stays_on_the_host():
+    """combine() puts the masks on the device and leaves ``valid`` on the host: the sums must not mix them (on
+    an H200 they did: 'Expected all tensors to be on the same device'). The meta device stands in for a GPU."""
+    device = torch.device("meta")
+    batch = {k: v if k == "valid" else v.to(device) for k, v in stats_batch().items()}
+    losses = LossParts(torch.tensor(0.7, device=device), torch.tensor(0.5, device=device))
+    for mint_logit in (None, MINT_LOGIT.to(device)):
+        sums = step_sums(batch, LOGITS.to(device), mint_logit, losses)
+        assert sums.device == device and sums.shape == (len(DEVICE_FIELDS),)
 
 
 def test_step_stats_ratios_over_two_identical_ranks_equal_one_ranks():
