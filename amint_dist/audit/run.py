@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,46 +22,19 @@ from amint_dist.audit.config import AuditConfig
 from amint_dist.audit.inputs import AuditInputs, describe, load_inputs
 from amint_dist.audit.passive import fresh_head, train_passive
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
+from amint_dist.audit.reader import SplitReader, process_state
 from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, integrity_notes,
                                      summary_notes, task_section, write_outputs)
 from amint_dist.audit.scoring import StackedHeads, gather_split, score_batch, score_split
 from amint_dist.audit.suspect import MEMBER_SPLIT, audit_suspect, reference_scores
 from amint_dist.cli import to_dict
 from amint_dist.data.images import DEFAULT_MAX_PIXELS
-from amint_dist.data.pipeline import ShardedSplitStream, SplitShards
-from amint_dist.data.transforms import data_config_for, make_transform
-from amint_dist.dist import check_world, cpu_only, launched_world, main_process_holds
-from amint_dist.models import AuditableModel, ModelConfig
+from amint_dist.dist import main_process_holds
+from amint_dist.models import AuditableModel
 from amint_dist.provenance import collect as collect_provenance
 from amint_dist.records.signing import Verifier
 from amint_dist.run_dir import RunDirLock
 from amint_dist.tb import Monitor
-
-@dataclass
-class _Reader:
-    """Eval-transform streams of the dataset root for this rank."""
-
-    inputs: AuditInputs
-    model: AuditableModel
-    rank: int
-    world: int
-    workers: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        model = ModelConfig.from_dict(self.inputs.model_config["model"])
-        data_config = self.inputs.model_config.get("data_config") or data_config_for(  # as in training, else timm's
-            self.model.backbone, model.img_size, model.in_chans)
-        self.transform = make_transform(data_config, None)  # eval transform: no augmentation
-        self.image_shape = tuple(data_config["input_size"])
-
-    def stream(self, split: str, batch_size: int, shuffle: bool) -> ShardedSplitStream:
-        shards = SplitShards.from_root(self.inputs.data_root, split)
-        workers = min(self.workers, len(shards.urls) // self.world)  # small splits: fewer loader workers
-        max_pixels = int(self.inputs.manifest.get("max_pixels", DEFAULT_MAX_PIXELS))  # the limit it was prepared with
-        return ShardedSplitStream(shards, self.transform, self.image_shape, batch_size, rank=self.rank,
-                                  world=self.world, workers=workers, seed=self.seed, shuffle=shuffle,
-                                  max_pixels=max_pixels)
 
 
 def audit_config(config_dir: str | Path, run_dir: str | Path) -> dict:
@@ -72,20 +45,13 @@ def audit_config(config_dir: str | Path, run_dir: str | Path) -> dict:
     return to_dict(cfg)
 
 
-def _process_state() -> PartialState:
-    """Rank, world, device and collectives (no Accelerator: nothing is prepared); gloo ranks without CUDA."""
-    state = PartialState(cpu=cpu_only() and launched_world() > 1)
-    check_world(state)
-    return state
-
-
 def run_audit(cfg: Mapping[str, Any]) -> Path:
     """Audit ``cfg.run.dir`` (optionally against ``cfg.data.root``); return the path of report.md on every rank."""
     run_dir = (cfg.get("run") or {}).get("dir")
     if not run_dir:
         raise ValueError("run.dir is required: a training run dir, or a dir with model.safetensors + model_config.json")
     acfg = AuditConfig.from_dict(cfg["audit"])
-    state = _process_state()
+    state = process_state()
     with main_process_holds(state, lambda: RunDirLock(Path(run_dir), "audit").acquire()):  # one writer per run dir
         return _audit(acfg, run_dir, (cfg.get("data") or {}).get("root"), state)
 
@@ -95,7 +61,7 @@ def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: Partia
     inputs = load_inputs(run_dir, data_root, state.process_index, state.num_processes,
                          gather_object, Verifier.from_env(acfg.public_key))
     model = inputs.build_model().to(state.device)
-    reader = _Reader(inputs, model, state.process_index, state.num_processes, acfg.workers, acfg.seed)
+    reader = SplitReader(inputs, model, state.process_index, state.num_processes, acfg.workers, acfg.seed)
     autocast = partial(torch.autocast, state.device.type, dtype=torch.bfloat16, enabled=acfg.precision == "bf16")
     scorer, names, history, notes = _mint_heads(inputs, model, acfg, reader, state, autocast)
 
@@ -147,7 +113,7 @@ def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: Partia
     return out_dir / "report.md"
 
 
-def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: AuditConfig, reader: _Reader,
+def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: AuditConfig, reader: SplitReader,
                 state: PartialState, autocast) -> tuple[nn.Module, list[str], list[dict], list[str]]:
     """The scoring model (backbone + every MINT head on one pass), head names, passive training log, notes."""
     if inputs.mint_mode == "off":
@@ -171,7 +137,7 @@ def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: AuditConfig, r
     return AuditableModel(model.backbone, StackedHeads(heads), model.taps, "passive"), names, history, notes
 
 
-def _suspect(acfg: AuditConfig, inputs: AuditInputs, reader: _Reader, scorer: nn.Module, names: list[str],
+def _suspect(acfg: AuditConfig, inputs: AuditInputs, reader: SplitReader, scorer: nn.Module, names: list[str],
              scored: dict, state: PartialState, autocast, out_dir: Path) -> dict:
     """The suspect set's report section (scored on rank 0 only)."""
     methods = [*names, *BASELINES]

@@ -62,6 +62,7 @@ class RunConfig(Config):
 
     dir: str | None = option(None, help="the run dir; default runs/<SLURM_JOB_ID or time stamp chosen on rank 0>")
     audit: bool = option(True, help="audit the finished model (configs/audit.yaml's defaults)")
+    validate: bool = option(False, help="score the finished model on the validation share (RUN/validation.json)")
 
 
 @dataclass
