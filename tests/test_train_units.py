@@ -378,6 +378,9 @@ def test_read_batches_sizes_every_split():
     assert read_batches(sizing_cfg(mode="off"), COUNTS)["external"] == 0  # no MINT: external never read
     assert read_batches(sizing_cfg(probe=3), COUNTS)["probe"] == 3
     assert read_batches(sizing_cfg(batch=10), {**COUNTS, "probe": 0}) == {"members": 10, "external": 5, "probe": 0}
+    # auto never rounds a non-empty probe split down to 0 rows (it would go unread: no task training on it)
+    assert read_batches(sizing_cfg(batch=1), COUNTS)["probe"] == 1  # 1 x 100 / 400 = 0.25
+    assert read_batches(sizing_cfg(probe=0), COUNTS)["probe"] == 0  # asked for explicitly: unread
 
 
 def test_dataset_fit_accepts_a_config_that_fits():

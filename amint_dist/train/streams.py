@@ -17,7 +17,7 @@ def read_batches(cfg: JobConfig, counts: Mapping[str, int]) -> dict[str, int]:
     batch, probe = cfg.train.batch_size, cfg.train.probe_batch_size
     sizes = {"members": batch,
              "external": max(1, round(batch * cfg.mint.external_ratio)) if cfg.mint.on else 0,  # no MINT: unread
-             "probe": round(batch * counts["probe"] / max(1, counts["members"])) if probe == "auto" else probe}
+             "probe": max(1, round(batch * counts["probe"] / max(1, counts["members"]))) if probe == "auto" else probe}
     return {split: n if counts.get(split) else 0 for split, n in sizes.items()}
 
 
