@@ -16,7 +16,8 @@ key hash (``amint_dist.data.splits``) with the recipe's fractions, each split cu
 ``data.shard_maxcount`` samples in index order (as ``prepare_data.py`` does). Batches per rank: the recipe's
 global batch over the ranks (``slurm/vit_imagenet.sh`` sets ``train.batch_size = GLOBAL_BATCH / ranks``), the
 external and probe batches from it by the training rules (``amint_dist.train.streams.read_batches``).
-``read_undecoded`` is what a reader reads and skips before its range (it starts mid-shard), over the samples.
+``headers_only``: samples before a reader's range in its first shard (it starts mid-shard), over the split's
+samples: the reader reads their tar headers and seeks over their contents (``amint_dist.data.tar_seek``).
 
     python benchmarks/reader_balance.py                      # the ViT-B/16 recipe at 8 ... 2,048 readers
     python benchmarks/reader_balance.py --shard-maxcount 1000 --readers 256
@@ -70,13 +71,13 @@ def padding_equal_ranges(n: int, readers: int, batch: int) -> int:
 
 
 def balanced(lengths: list[int], world: int, workers: int, batch: int) -> tuple[int, int]:
-    """Padding rows and samples read undecoded under the balanced rule, from the reader assignment itself."""
+    """Padding rows and samples seeked over (headers read) under the balanced rule, from the assignment itself."""
     n, total = sum(lengths), rank_batches(sum(lengths), world, batch)
     order = epoch_shard_order(len(lengths), 0, 0)
     spans = [reader_span(n, r, world, j, workers, batch) for r in range(world) for j in range(workers)]
     assert sum(len(s) for s in spans) == n
-    undecoded = sum(pieces[0].start for s in spans if (pieces := shard_pieces(lengths, order, s)))
-    return world * total * batch - n, undecoded
+    seeked = sum(pieces[0].start for s in spans if (pieces := shard_pieces(lengths, order, s)))
+    return world * total * batch - n, seeked
 
 
 def fraction(padding: int | None, samples: int) -> float | None:
@@ -108,11 +109,11 @@ def main() -> None:
                 continue
             lengths, n = shard_lengths(counts[split], maxcount), counts[split]
             old, equal = padding_shards(lengths, world, workers, batch), padding_equal_ranges(n, readers, batch)
-            new, undecoded = balanced(lengths, world, workers, batch)
+            new, seeked = balanced(lengths, world, workers, batch)
             rows["splits"][split] = {"samples": n, "shards": len(lengths), "batch_per_rank": batch,
                                      "padding": {"shards": fraction(old, n), "equal_ranges": fraction(equal, n),
                                                  "balanced": fraction(new, n)},
-                                     "read_undecoded": round(undecoded / n, 4)}
+                                     "headers_only": round(seeked / n, 4)}
             totals["samples"] += n
             totals["shards"] = None if old is None or totals["shards"] is None else totals["shards"] + old
             totals["equal_ranges"] += equal

@@ -3,16 +3,22 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import shutil
 import sys
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 
 from amint_dist.data.assignment import (epoch_shard_order, rank_batches, reader_batches, reader_span,
                                         shard_pieces)
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
+from amint_dist.data.tar_seek import samples_from
 from train_helpers import REPO, free_port, load_npz, run_train
 
 # (samples, ranks, readers per rank, batch): readers > samples, > shards, uneven and exact cases
@@ -117,3 +123,56 @@ def test_two_ranks_train_on_a_root_with_fewer_shards_than_readers(tmp_path):
         assert all(consumed) and set(consumed[0]).isdisjoint(consumed[1])
         assert sorted(consumed[0] + consumed[1]) == sorted(keys), epoch
     assert (load_npz(run_dir / "ledger.npz")["members"] == 2).all()
+
+
+def odd_tar(path: Path) -> None:
+    """A tar with what WebDataset's grouping must step over: a directory entry, a meta entry, a file without an
+    extension, a member with a long (pax) name, and samples of one to three files with nested keys."""
+    def add(tar: tarfile.TarFile, name: str, data: bytes = b"x", kind: bytes = tarfile.REGTYPE) -> None:
+        info = tarfile.TarInfo(name)
+        info.type, info.size = kind, len(data) if kind == tarfile.REGTYPE else 0
+        tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        add(tar, "__meta__", b"meta")
+        for i in range(9):
+            key = f"d/{'long_' * 30 if i == 4 else ''}s{i:02d}"
+            if i == 2:
+                add(tar, "d", kind=tarfile.DIRTYPE)
+                add(tar, "README", b"no extension")
+                add(tar, "__index__/s02.json", b"{}")  # WebDataset skips names under __...__/
+            for ext in ("png", "cls", "json")[: 1 + i % 3]:
+                add(tar, f"{key}.{ext}", f"{i}:{ext}".encode())
+
+
+def test_a_tar_read_from_any_sample_is_the_tail_of_the_full_read(tmp_path, digits_root):
+    """samples_from(path, k) yields exactly samples k.. of WebDataset's own full read (keys and every field), for
+    every k up to past the end, on a prepared shard and on a tar with directories, meta entries and pax names."""
+    odd = tmp_path / "odd.tar"
+    odd_tar(odd)
+    for path in (str(odd), str(digits_root / "members/shard-000001.tar")):
+        full = list(wds.tarfile_to_samples()([{"url": path}]))
+        assert len(full) == (9 if path == str(odd) else 64)
+        for k in range(len(full) + 2):
+            assert list(samples_from(path, k, handler=lambda e: False)) == full[k:], (path, k)
+
+
+@pytest.mark.parametrize("world", [40, 13 * 8])
+def test_a_truncated_shard_read_by_several_readers_loses_each_sample_once(digits_root, tmp_path, world):
+    """A shard cut mid-way, its samples spread over several readers (40 or 104 ranks of ~20 or ~8 samples): the
+    delivered samples are unique, and every other sample is skipped exactly once, by its key."""
+    root = tmp_path / "root"
+    shutil.copytree(digits_root, root)
+    victim = root / "members/shard-000003.tar"
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    shards = SplitShards.from_root(root, "members")
+    keys = (root / "members/keys.txt").read_text().splitlines()
+    delivered, skipped = [], []
+    for rank in range(world):
+        stream = ShardedSplitStream(shards, to_tensor, (3, 8, 8), 8, rank=rank, world=world, workers=0, seed=4)
+        for b in make_loader(stream):
+            delivered += [k for k, v in zip(b["key"], b["valid"].tolist()) if v]
+            skipped += [what for what, _ in b["skipped"]]
+    lost = set(keys) - set(delivered)
+    assert len(delivered) == len(set(delivered)) and 20 < len(lost) < 64
+    assert sorted(skipped) == sorted(lost)

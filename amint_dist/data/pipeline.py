@@ -32,6 +32,7 @@ from amint_dist.data.assignment import (Piece, epoch_shard_order, rank_batches, 
                                         shard_pieces)
 from amint_dist.data.images import DEFAULT_MAX_PIXELS
 from amint_dist.data.samples import SkipLog, decode_sample, seeded_rng
+from amint_dist.data.tar_seek import samples_from
 from amint_dist.io import read_json
 
 log = logging.getLogger(__name__)
@@ -166,14 +167,14 @@ class ShardedSplitStream(IterableDataset):
 
 
 def _piece_samples(shards: SplitShards, pieces: list[Piece], skips: SkipLog) -> Iterator[dict]:
-    """The raw samples of ``pieces`` in order: each shard read from its start, its samples before the piece
-    skipped undecoded, closed where the piece ends. The samples of a piece its shard did not deliver are
-    skipped by key (from keys.txt; the shard's path stands in for each when keys.txt is unreadable)."""
+    """The raw samples of ``pieces`` in order: each shard opened at the piece's first sample (the headers before
+    it read, nothing decoded) and closed where the piece ends. The samples of a piece its shard did not deliver
+    are skipped by key (from keys.txt; the shard's path stands in for each when keys.txt is unreadable)."""
     for piece in pieces:
         url = shards.urls[piece.shard]
         seen = set()
-        with closing(wds.tarfile_to_samples(handler=skips.tar_error)([{"url": url}])) as tar:
-            for sample in itertools.islice(tar, piece.start, piece.stop):
+        with closing(samples_from(url, piece.start, skips.tar_error)) as tar:
+            for sample in itertools.islice(tar, piece.stop - piece.start):
                 seen.add(sample.get("__key__"))
                 yield sample
         missing = piece.stop - piece.start - len(seen)
