@@ -19,14 +19,26 @@ external and probe batches from it by the training rules (``amint_dist.train.str
 ``headers_only``: samples before a reader's range in its first shard (it starts mid-shard), over the split's
 samples: the reader reads their tar headers and seeks over their contents (``amint_dist.data.tar_seek``).
 
+``--seek-check DIR`` also writes one shard of ``data.shard_maxcount`` random 224-px JPEG samples (jpg, cls,
+json; ``webdataset.TarWriter``) under DIR and records the bytes this process reads (``rchar``) to get the
+shard's samples from its middle and from its last sample on, with the seek and by reading and dropping.
+
     python benchmarks/reader_balance.py                      # the ViT-B/16 recipe at 8 ... 2,048 readers
     python benchmarks/reader_balance.py --shard-maxcount 1000 --readers 256
+    python benchmarks/reader_balance.py --readers 2048 --seek-check /tmp/seek
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import math
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
 
 from hydra import compose, initialize_config_dir
 
@@ -34,6 +46,7 @@ from _record import REPO, record
 from amint_dist.cli import to_dict
 from amint_dist.data.assignment import epoch_shard_order, rank_batches, reader_span, shard_pieces
 from amint_dist.data.splits import SPLITS, hash_unit, split_of
+from amint_dist.data.tar_seek import samples_from
 from amint_dist.train.config import JobConfig
 from amint_dist.train.streams import read_batches
 
@@ -80,6 +93,30 @@ def balanced(lengths: list[int], world: int, workers: int, batch: int) -> tuple[
     return world * total * batch - n, seeked
 
 
+def bytes_read() -> int:
+    return int(next(line for line in open("/proc/self/io") if line.startswith("rchar")).split()[1])
+
+
+def seek_check(directory: Path, samples: int) -> dict:
+    """Bytes read to get a shard's samples from position k on: with the seek, and reading and dropping k."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path, rng = str(directory / "shard.tar"), np.random.default_rng(0)
+    with wds.TarWriter(path) as sink:
+        for i in range(samples):
+            jpeg = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(jpeg, "JPEG", quality=85)
+            sink.write({"__key__": f"s{i:06d}", "jpg": jpeg.getvalue(), "cls": b"0", "json": b"{}"})
+    out = {"shard_bytes": Path(path).stat().st_size}
+    for k in (samples // 2, samples - 1):
+        start = bytes_read()
+        seeked = [s["__key__"] for s in samples_from(path, k, handler=lambda exn: False)]
+        middle = bytes_read()
+        dropped = [s["__key__"] for s in itertools.islice(wds.tarfile_to_samples()([{"url": path}]), k, None)]
+        assert seeked == dropped
+        out[f"from_{k}"] = {"seek_bytes": middle - start, "read_and_drop_bytes": bytes_read() - middle}
+    return out
+
+
 def fraction(padding: int | None, samples: int) -> float | None:
     return None if padding is None else round(padding / (samples + padding), 5)
 
@@ -90,6 +127,7 @@ def main() -> None:
     p.add_argument("--keys", type=int, default=1_281_167, help="keys of the source (ImageNet-1k train)")
     p.add_argument("--shard-maxcount", type=int, default=None, help="samples per shard (default: the recipe's)")
     p.add_argument("--global-batch", type=int, default=1024, help="members per optimizer step, all ranks")
+    p.add_argument("--seek-check", type=Path, default=None, help="folder for the one-shard seek measurement")
     p.add_argument("--readers", type=int, nargs="+", default=[8, 32, 64, 256, 512, 2048],
                    help="ranks x data.workers")
     args = p.parse_args()
@@ -126,6 +164,7 @@ def main() -> None:
         "global_batch": args.global_batch, "counts": counts, "sizes": sizes,
         "target": f"balanced padding < {GOAL} at every size",
         "met": all(s["padding"]["balanced"] < GOAL for s in sizes),
+        **({"seek_check": seek_check(args.seek_check, maxcount)} if args.seek_check else {}),
     })
 
 

@@ -27,12 +27,12 @@ def _webdataset_file(member: tarfile.TarInfo) -> bool:
 def sample_offset(path: str, position: int) -> int | None:
     """Byte offset of the first header of sample ``position`` in the tar at ``path`` (0 for the first); None when
     the tar holds fewer samples or cannot be read up to there. Reads headers only (``tarfile`` seeks over the
-    contents of a seekable file)."""
+    contents of a seekable file; an unbuffered file reads 512 bytes per header, not a buffer's worth)."""
     if position == 0:
         return 0
     count, current = 0, None
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open(path, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:  # unbuffered: 512 B reads
             for member in tar:
                 prefix = base_plus_ext(member.name)[0] if _webdataset_file(member) else None
                 if prefix is None or prefix == current:
