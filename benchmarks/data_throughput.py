@@ -113,8 +113,7 @@ class EndlessReader:
     def __call__(self) -> int:
         rows = 0
         for _ in range(self.reps):
-            n = self.stream.batches_per_reader(self.epoch) * self.stream.readers
-            rows += sum(int(next(self.batches)["valid"].sum()) for _ in range(n))
+            rows += sum(int(next(self.batches)["valid"].sum()) for _ in range(len(self.stream)))
             self.epoch += 1
         return rows
 

@@ -66,10 +66,7 @@ class _FakeStream:
     """What ``Trainer.__init__`` asks of a stream (its epoch length); no data behind it."""
 
     def __init__(self, batches: int):
-        self.readers, self._batches = 1, batches
-
-    def batches_per_reader(self, epoch=None) -> int:
-        return self._batches
+        self._batches = batches
 
     def __len__(self) -> int:
         return self._batches

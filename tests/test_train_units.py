@@ -385,15 +385,12 @@ def test_read_batches_sizes_every_split():
 
 def test_dataset_fit_accepts_a_config_that_fits():
     check_dataset_fit(sizing_cfg(), sizing_manifest(), world=4)  # 8 readers, 8 shards each
+    check_dataset_fit(sizing_cfg(workers=8), sizing_manifest(shards=1), world=4)  # 32 readers share 1 shard
     check_dataset_fit(sizing_cfg(mode="off"), sizing_manifest(external=1), world=4)  # an unread split needs no shards
     check_dataset_fit(sizing_cfg(grad_accum=25), sizing_manifest(), world=2)  # exactly 400 / (2 x 8) = 25 batches
 
 
 @pytest.mark.parametrize("cfg, world, manifest, message", [
-    (sizing_cfg(), 4, sizing_manifest(external=7),
-     "data.workers=2: split 'external' has 7 shards but 4 rank(s) x 2 reader(s) = 8 need one each; "),
-    (sizing_cfg(workers=0), 9, sizing_manifest(),
-     "data.workers=0: split 'members' has 8 shards but 9 rank(s) x 1 reader(s) = 9 need one each; "),
     (sizing_cfg(batch=201), 2, sizing_manifest(),
      "train.batch_size=201: 201 members rows per rank x 2 rank(s) is more than the members split holds (400 samples)"),
     (sizing_cfg(external_ratio=13), 2, sizing_manifest(),

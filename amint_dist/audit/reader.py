@@ -34,10 +34,9 @@ class SplitReader:
 
     def stream(self, split: str, batch_size: int, shuffle: bool) -> ShardedSplitStream:
         shards = SplitShards.from_root(self.inputs.data_root, split)
-        workers = min(self.workers, len(shards.urls) // self.world)  # small splits: fewer loader workers
         max_pixels = int(self.inputs.manifest.get("max_pixels", DEFAULT_MAX_PIXELS))  # the limit it was prepared with
         return ShardedSplitStream(shards, self.transform, self.image_shape, batch_size, rank=self.rank,
-                                  world=self.world, workers=workers, seed=self.seed, shuffle=shuffle,
+                                  world=self.world, workers=self.workers, seed=self.seed, shuffle=shuffle,
                                   max_pixels=max_pixels)
 
 

@@ -62,7 +62,7 @@ class Trainer:
         self.stopped = False
         self.grad_norm: torch.Tensor | float | None = None  # the last optimizer step's (under DeepSpeed: a float)
         tcfg = config.train
-        self.total_steps = sum(len(self._members_epoch(e)) for e in range(tcfg.epochs)) // tcfg.grad_accum
+        self.total_steps = tcfg.epochs * self._trained_batches() // tcfg.grad_accum
         if tcfg.max_steps > 0:
             self.total_steps = min(self.total_steps, tcfg.max_steps)
         steps_per_epoch = max(1, len(streams["members"]) // tcfg.grad_accum)
@@ -161,7 +161,7 @@ class Trainer:
         members.set_epoch(self.state.epoch, self.state.batch_in_epoch)  # then epoch after epoch, read ahead
         batches = iter(make_loader(members, pin_memory=torch.cuda.is_available(), endless=True))
         while self.state.epoch < self.config.train.epochs and not self.done():
-            for _ in range(len(self._members_epoch(self.state.epoch)) - self.state.batch_in_epoch):
+            for _ in range(self._trained_batches() - self.state.batch_in_epoch):
                 if self.done():
                     break
                 waited = time.perf_counter()
@@ -171,8 +171,7 @@ class Trainer:
                 if out.stepped:
                     self._after_optimizer_step(bar)
             if self._epoch_over():
-                whole = members.batches_per_reader(self.state.epoch) * members.readers
-                for _ in range(whole - len(self._members_epoch(self.state.epoch))):
+                for _ in range(len(members) - self._trained_batches()):
                     next(batches)  # the epoch's last batches, short of a whole grad_accum group: not trained on
                 self._end_epoch()
 
@@ -200,11 +199,11 @@ class Trainer:
         return self.state.step, self.state.epoch, self.state.batch_in_epoch
 
     def _epoch_over(self) -> bool:
-        return self.state.batch_in_epoch >= len(self._members_epoch(self.state.epoch))
+        return self.state.batch_in_epoch >= self._trained_batches()
 
-    def _members_epoch(self, epoch: int) -> range:
-        stream, accum = self.streams["members"], self.config.train.grad_accum
-        return range(stream.batches_per_reader(epoch) * stream.readers // accum * accum)
+    def _trained_batches(self) -> int:
+        """Member batches of an epoch trained on: whole ``grad_accum`` groups."""
+        return len(self.streams["members"]) // self.config.train.grad_accum * self.config.train.grad_accum
 
     def _end_epoch(self) -> None:
         self.reporter.end_epoch(self.state, self.exposure.ledger, self.lr())
