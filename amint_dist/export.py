@@ -76,7 +76,7 @@ def export_run(cfg: Mapping[str, Any]) -> tuple[Path, str]:
         "create_model": create,
         "data_config": model_config.get("data_config"),
         "source": {"run_dir": str(run_dir.resolve()), "weights": source.name, "weights_sha256": sha256_file(source),
-                   "integrity": integrity["status"], "init": model_config.get("init", {"from": "random"})},
+                   "integrity": integrity["status"], "init": model_config.get("init")},
     })
     return out, timm_line(create)
 

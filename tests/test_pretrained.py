@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import huggingface_hub
@@ -17,7 +15,7 @@ import timm
 import torch
 from test_export import FIRST_STEP_ONLY, audited_backbone
 from test_integrity import Planted
-from train_helpers import ENV, REPO, run_train
+from train_helpers import run_quick_audit, run_train
 
 from amint_dist.io import sha256_file
 from amint_dist.models import ModelConfig
@@ -79,16 +77,19 @@ def test_checkpoint_loads_strictly_and_grayscale_input_is_adapted_by_timm(saved)
 
 
 @pytest.mark.parametrize("fields, culprit", [
-    ({"pretrained": True, "pretrained_file": "missing.safetensors"}, "model.pretrained_file='missing.safetensors': no such file"),
+    ({"pretrained": True, "pretrained_file": "missing.safetensors"},
+     "model.pretrained_file='missing.safetensors': no such file"),
     ({"checkpoint": "missing.pth"}, "model.checkpoint='missing.pth': no such file"),
-    ({"pretrained": True, "pretrained_file": "{resnet}"}, "model.pretrained_file=resnet.safetensors: not weights of model.name='vit_tiny_patch16_224': 30 "
-                                                           "missing tensor(s) (blocks.0"),
-    ({"pretrained": True, "pretrained_file": "{wide}"}, "model.pretrained_file=wide.safetensors: does not load into model.name='vit_tiny_patch16_224': Runtime"
-                                                         "Error: Error(s) in loading state_dict for VisionTransformer: "
-                                                         "size mismatch for cls_token"),
-    ({"checkpoint": "{vit}"}, "model.checkpoint={vit}: not the weights of this vit_tiny_patch16_224 (strict load; a run's model.safetensors "
-                              "needs launch/export.py first): RuntimeError: Error(s) in loading state_dict for "
-                              "VisionTransformer: size mismatch for head.weight"),
+    ({"pretrained": True, "pretrained_file": "{resnet}"},
+     "model.pretrained_file=resnet.safetensors: not weights of model.name='vit_tiny_patch16_224': 30 missing "
+     "tensor(s) (blocks.0"),
+    ({"pretrained": True, "pretrained_file": "{wide}"},
+     "model.pretrained_file=wide.safetensors: does not load into model.name='vit_tiny_patch16_224': RuntimeError: "
+     "Error(s) in loading state_dict for VisionTransformer: size mismatch for cls_token"),
+    ({"checkpoint": "{vit}"},
+     "model.checkpoint={vit}: not the weights of this vit_tiny_patch16_224 (strict load; a run's model.safetensors "
+     "needs launch/export.py first): RuntimeError: Error(s) in loading state_dict for VisionTransformer: size "
+     "mismatch for head.weight"),
     ({"pretrained": True}, "timm's weights for 'vit_tiny_patch16_224' are not in the local Hugging Face cache"),
     ({"pretrained_file": "x.pth"}, "model.pretrained_file='x.pth': set model.pretrained=true to load it"),
     ({"pretrained": True, "checkpoint": "x.pth"}, "model.checkpoint='x.pth': choose one starting point"),
@@ -144,17 +145,14 @@ def fine_tuned(tmp_path_factory, train_root, saved) -> tuple[Path, Path, dict[st
     pretrained.unlink()
     run_train(run_dir, train_root, "model.pretrained=true", f"model.pretrained_file={pretrained}", *FIRST_STEP_ONLY[1:],
               "train.max_steps=3", "resume=latest")
-    cmd = [sys.executable, str(REPO / "launch" / "audit.py"), f"run.dir={run_dir}", "audit.passive.enabled=false",
-           "audit.n_boot=20", "audit.workers=0", "audit.protocols=[seen]"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_quick_audit(run_dir, "audit.protocols=[seen]")
     return run_dir, pretrained, first_step
 
 
 def test_a_run_starts_from_the_file_and_records_it(fine_tuned, saved):
     run_dir, pretrained, first_step = fine_tuned
-    assert_close_except_head = {k: v for k, v in saved[0].items() if not k.startswith("head.")}
-    for name, tensor in assert_close_except_head.items():
+    backbone_without_head = {k: v for k, v in saved[0].items() if not k.startswith("head.")}
+    for name, tensor in backbone_without_head.items():
         torch.testing.assert_close(first_step[name], tensor, rtol=0, atol=1e-6, msg=name)
     init = json.loads((run_dir / "model_config.json").read_text())["init"]
     assert init == {"from": "pretrained", "file": str(pretrained), "sha256": sha256_file(saved[1])}
