@@ -17,8 +17,8 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def main(cfg: dict) -> None:
-    """Train, write RUN/MODEL_CARD.md, then audit (``run.audit``; the audit rewrites the card with its figures); a
-    run stopped by SIGUSR1/SIGTERM has checkpointed: exit 0 at once (no audit, no further run of a sweep)."""
+    """Train, then audit (``run.audit``); a run stopped by SIGUSR1/SIGTERM has checkpointed: exit 0 at once (no
+    audit, no further run of a sweep)."""
     try:
         run_dir = train(cfg)
     except Stopped as stopped:
@@ -26,7 +26,7 @@ def main(cfg: dict) -> None:
             print(stopped, flush=True)
         raise SystemExit(0) from None
     if PartialState().is_main_process:
-        write_model_card(run_dir)
+        write_model_card(run_dir)  # RUN/MODEL_CARD.md; the audit rewrites it with its figures
         print(f"run finished: {run_dir}")
     if cfg["run"]["audit"]:  # configs/audit.yaml's defaults, on this run and the dataset root it was trained on
         report = run_audit(audit_config(CONFIGS, run_dir))
