@@ -7,7 +7,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
-from .backbone import config_error
+from .backbone import config_error, create_backbone  # noqa: F401 (create_backbone: still importable from here)
 from .config import MintConfig, ModelConfig
 from .heads import build_head
 from .init_weights import build_backbone
