@@ -34,7 +34,7 @@ from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, epoch_shar
 from amint_dist.data.prepare import load_manifest, prepare_dataset
 from amint_dist.data.sources import IMAGE_EXTENSIONS
 from amint_dist.data.transforms import data_config_for, make_transform
-from amint_dist.models.auditable import create_backbone
+from amint_dist.models.backbone import create_backbone
 
 
 def natural_ish_jpeg(rng: np.random.Generator, size: int) -> bytes:

@@ -31,7 +31,7 @@ from _record import REPO, RESULTS, alternate, record, set_threads, verdict
 from amint_dist.cli import to_dict
 from amint_dist.train.accelerator import make_accelerator
 from amint_dist.models import build_auditable_model
-from amint_dist.models.auditable import create_backbone
+from amint_dist.models.backbone import create_backbone
 from amint_dist.records.ledger import ExposureLedger
 from amint_dist.tb import Monitor
 from amint_dist.train.config import JobConfig

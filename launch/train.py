@@ -5,6 +5,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from amint_dist.audit.model_card import write_model_card
 from amint_dist.audit.run import audit_config, run_audit
 from amint_dist.audit.validation import run_validation
 from amint_dist.cli import run_cli
@@ -26,6 +27,7 @@ def main(cfg: dict) -> None:
             print(stopped, flush=True)
         raise SystemExit(0) from None
     if PartialState().is_main_process:
+        write_model_card(run_dir)  # RUN/MODEL_CARD.md; the audit rewrites it with its figures
         print(f"run finished: {run_dir}")
     if cfg["run"]["validate"]:  # recipe selection figures: the validation share only
         figures = run_validation(audit_config(CONFIGS, run_dir))

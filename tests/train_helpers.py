@@ -38,6 +38,17 @@ def run_train(run_dir: Path, data_root: Path, *overrides: str, check: bool = Tru
     return proc
 
 
+def run_quick_audit(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python launch/audit.py`` on ``run_dir`` without the passive head, 20 bootstrap resamples, no loader
+    workers; raise with its output tail when it fails."""
+    cmd = [sys.executable, str(REPO / "launch" / "audit.py"), f"run.dir={run_dir}", "audit.passive.enabled=false",
+           "audit.n_boot=20", "audit.workers=0", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+    if proc.returncode != 0:
+        raise AssertionError(f"audit failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` (a ledger), read without pickles."""
     with np.load(path, allow_pickle=False) as data:

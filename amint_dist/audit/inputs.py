@@ -11,15 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-from omegaconf import OmegaConf
 
 from amint_dist.records import artifacts
 from amint_dist.data.prepare import load_manifest
-from amint_dist.io import read_json, sha256_file
+from amint_dist.io import sha256_file
 from amint_dist.models import AuditableModel, model_from_record
 from amint_dist.records.signing import Verifier
-from amint_dist.records.trail import TrailError
-from amint_dist.records.verification import refusal, verify_run
+from amint_dist.records.run_model import read_run_configs, required, verify_run_model
 from amint_dist.records.ledger import ExposureLedger
 
 Gather = Callable[[list], list]  # every rank's list items, concatenated in rank order (accelerate's gather_object)
@@ -55,12 +53,6 @@ class AuditInputs:
         return model.eval()
 
 
-def _required(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    return path
-
-
 def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0, world: int = 1,
                 gather: Gather = lambda items: items, verifier: Verifier | None = None) -> AuditInputs:
     """Read and verify the run dir and dataset root; every rank hashes its share of the dataset files.
@@ -70,12 +62,8 @@ def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0
     """
     verifier = verifier or Verifier()
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run dir not found: {run_dir}")
-    model_config = read_json(_required(run_dir / "model_config.json", "model config"), what="model config")
-    weights = _required(run_dir / "model.safetensors", "model weights")
-    config_path = run_dir / "config.yaml"
-    run_config = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True) if config_path.is_file() else None
+    model_config, run_config = read_run_configs(run_dir)
+    weights = required(run_dir / "model.safetensors", "model weights")
     root = data_root or model_config.get("dataset", {}).get("root") or (run_config or {}).get("data", {}).get("root")
     if not root:
         raise ValueError(f"no dataset root recorded for {run_dir}: pass data.root=/path/to/root")
@@ -84,14 +72,7 @@ def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0
     splits_sha256 = sha256_file(root / "splits.json")
 
     artifacts.verify_dataset_identity(root, splits_sha256, model_config)  # the cheap checks first
-    weights_sha256 = sha256_file(weights)
-    artifacts.verify_weights(weights, model_config, weights_sha256)
-    integrity = verify_run(run_dir, splits_sha256, verifier, weights_sha256)
-    refused = refusal(integrity, verifier)
-    if refused:
-        raise TrailError(f"refusing to audit {run_dir}: {refused}")
-    if run_config is not None:
-        artifacts.verify_model_config(run_config, model_config, config_path)
+    integrity = verify_run_model(run_dir, model_config, run_config, splits_sha256, verifier, sha256_file(weights))
     files = artifacts.dataset_files(root, manifest)
     artifacts.raise_first(gather(artifacts.dataset_problems(files[rank::world])))
     sizes = {split: int(meta["num_samples"]) for split, meta in manifest["splits"].items()}

@@ -20,6 +20,7 @@ from amint_dist import __version__
 from amint_dist.audit.baselines import BASELINES
 from amint_dist.audit.config import AuditConfig
 from amint_dist.audit.inputs import AuditInputs, describe, load_inputs
+from amint_dist.audit.model_card import write_model_card
 from amint_dist.audit.passive import fresh_head, train_passive
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
 from amint_dist.audit.reader import SplitReader, process_state
@@ -109,6 +110,7 @@ def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: Partia
         if acfg.suspect:
             report["suspect"] = _suspect(acfg, inputs, reader, scorer, names, scored, state, autocast, out_dir)
         write_outputs(out_dir, report, samples, Monitor(Path(run_dir), True))
+        write_model_card(Path(run_dir), report)
     state.wait_for_everyone()
     return out_dir / "report.md"
 

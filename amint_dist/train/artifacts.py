@@ -33,8 +33,9 @@ def ensure_dataset(data_cfg: DataConfig, accelerator: Accelerator) -> dict:
 
 
 def save_final_model(accelerator: Accelerator, model, run_dir: Path, model_cfg: ModelConfig, mint_cfg: MintConfig,
-                     data_config: Mapping, data_root: str, manifest: Mapping) -> None:
-    """Write ``model.safetensors`` (consolidated from every rank, e.g. ZeRO-3) and ``model_config.json``."""
+                     data_config: Mapping, data_root: str, manifest: Mapping, init: Mapping | None) -> None:
+    """Write ``model.safetensors`` (consolidated from every rank, e.g. ZeRO-3) and ``model_config.json`` (rank 0's
+    ``init``: what the weights started from, ``models.init_weights.init_record``)."""
     state_dict = accelerator.get_state_dict(model)  # a collective: every rank calls it
     if not accelerator.is_main_process:
         return
@@ -45,6 +46,7 @@ def save_final_model(accelerator: Accelerator, model, run_dir: Path, model_cfg: 
         "format": MODEL_FORMAT,
         "tool_version": __version__,
         "model": asdict(model_cfg),
+        "init": dict(init or {}),
         "mint": mint_cfg.model_record(),
         "taps": list(unwrapped.taps),
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
