@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -36,6 +37,20 @@ def run_train(run_dir: Path, data_root: Path, *overrides: str, check: bool = Tru
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def cli_error(config_name: str, main, argv: list[str], capsys) -> str:
+    """A ``launch/`` CLI run in-process (``run_cli`` with ``main``); it must exit 2 with exactly one ``error:`` line,
+    returned."""
+    from amint_dist.cli import run_cli
+
+    capsys.readouterr()  # only what the CLI prints (not the progress bars of a dataset the test prepared)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(str(REPO / "configs"), config_name, main, argv=argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    return lines[0]
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:
