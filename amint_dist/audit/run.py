@@ -23,8 +23,9 @@ from amint_dist.audit.inputs import AuditInputs, describe, load_inputs
 from amint_dist.audit.model_file import load_file_inputs
 from amint_dist.audit.passive import fresh_head, train_passive
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
-from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, integrity_notes,
-                                     summary_notes, task_section, write_outputs)
+from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, summary_notes,
+                                     task_section, write_outputs)
+from amint_dist.audit.report_md import integrity_notes
 from amint_dist.audit.scoring import StackedHeads, gather_split, score_batch, score_split
 from amint_dist.audit.suspect import MEMBER_SPLIT, audit_suspect, reference_scores
 from amint_dist.cli import to_dict
