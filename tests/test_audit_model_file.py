@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import prep_cfg
+from train_helpers import ENV, REPO, cli_error, run_train
 
 from amint_dist.audit.baselines import BASELINES
 from amint_dist.audit.run import run_audit
 from amint_dist.data.prepare import prepare_dataset
 from amint_dist.io import sha256_file
 from amint_dist.records.signing import generate_keypair
-from conftest import prep_cfg
-from train_helpers import ENV, REPO, cli_error, run_train
 
 NAME = "vit_tiny_patch16_224"
 ARCH = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}  # the tiny run's ViT
@@ -40,7 +40,8 @@ def trained(tmp_path_factory) -> dict[str, Path]:
                              fractions={"members": 0.1, "probe": 0.05, "external": 0.35, "heldout": 0.5}))
     run_dir = tmp / "run"
     run_train(run_dir, root, "mint.mode=off", "train.epochs=40", "optim.weight_decay=0")
-    state = {k.removeprefix("backbone."): v for k, v in safetensors.torch.load_file(run_dir / "model.safetensors").items()}
+    weights = safetensors.torch.load_file(run_dir / "model.safetensors")
+    state = {k.removeprefix("backbone."): v for k, v in weights.items()}
     files = {"root": root, "run": run_dir, "pth": tmp / "vit.pth", "checkpoint": tmp / "checkpoint.pth.tar",
              "safetensors": tmp / "vit.safetensors"}
     torch.save(state, files["pth"])

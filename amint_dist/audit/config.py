@@ -39,7 +39,8 @@ class FileModelConfig(Config):
     section = "audit.model"
 
     name: str | None = option(None, help="timm name of a model trained elsewhere (with audit.model.file, no run.dir)")
-    file: str | None = option(None, help="its weights: timm state_dict / checkpoint (read weights-only) or .safetensors")
+    file: str | None = option(None, help="its weights: timm state_dict / checkpoint (read weights-only) or "
+                                         ".safetensors")
     img_size: int | None = option(None, lo=1, help="input height and width; null: timm's default for the model")
     in_chans: Literal[1, 3] = option(3, help="input channels the file was trained with: 3 (RGB) or 1 (grayscale)")
     kwargs: dict = option({}, help="further timm.create_model arguments the file was trained with")

@@ -15,7 +15,12 @@ import timm
 from torch import nn
 
 from amint_dist.audit.config import FileModelConfig
-from amint_dist.audit.inputs import AuditInputs, Gather, read_weights, verify_dataset_files
+from amint_dist.audit.inputs import (
+    AuditInputs,
+    Gather,
+    read_weights,
+    verify_dataset_files,
+)
 from amint_dist.data.prepare import load_manifest
 from amint_dist.data.transforms import data_config_for
 from amint_dist.io import sha256_file
