@@ -1,7 +1,7 @@
 """AuditableModel: a timm classifier and its MINT head as one module (one DeepSpeed engine)."""
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import TypeVar
 
 import timm
@@ -33,6 +33,7 @@ class AuditableModel(nn.Module):
         self.mint_head = mint_head
         self.taps = list(taps)
         self.mode = mode
+        self.record: dict | None = None  # the model and mint configs it was built from (build_auditable_model)
         # ViT-like backbones hand token heads their tokens, prefix (cls/register) tokens included
         wants_tokens = getattr(mint_head, "input_fmt", "NCHW") == "NLC"
         self._tap_kwargs = (
@@ -133,7 +134,14 @@ def create_backbone(
 
 
 def build_auditable_model(model_cfg: ModelConfig, mint_cfg: MintConfig) -> AuditableModel:
-    """AuditableModel from the typed ``model`` and ``mint`` configs (``model.num_classes`` resolved)."""
+    """AuditableModel from the typed ``model`` and ``mint`` configs (``model.num_classes`` resolved); its
+    ``record`` holds the two as ``model_config.json`` keeps them."""
+    model = _build(model_cfg, mint_cfg)
+    model.record = {"model": asdict(model_cfg), "mint": mint_cfg.model_record()}
+    return model
+
+
+def _build(model_cfg: ModelConfig, mint_cfg: MintConfig) -> AuditableModel:
     if model_cfg.num_classes is None:
         raise ValueError("model.num_classes=None: set it, or let training take it from the dataset root")
     backbone = create_backbone(model_cfg.name, model_cfg.num_classes, model_cfg.img_size, model_cfg.in_chans,
