@@ -138,6 +138,10 @@ def test_bad_names_files_and_shapes_are_one_line_errors(trained, tmp_path, capsy
         error = audit_cli([*MODEL_ARGS, f"audit.model.file={path}", *base], capsys)
         assert error.startswith(f"error: {path}") and message in error, (what, error)
     assert "depth" in audit_cli([*MODEL_ARGS, "+audit.model.kwargs.depth=3", file_arg, *base], capsys)  # missing keys
+    error = audit_cli([*MODEL_ARGS, "audit.model.taps=[0,7]", file_arg, *base], capsys)  # the ViT has 2 blocks
+    assert error.startswith("error: audit.model.taps=[0, 7]") and "out of range" in error, error
+    error = audit_cli([*MODEL_ARGS, "+audit.model.kwargs.pretrained=true", file_arg, *base], capsys)
+    assert error.startswith("error: audit.model.kwargs: pretrained not allowed"), error
     assert "go together" in audit_cli([f"audit.model.name={NAME}", *base], capsys)
     assert "audit.out_dir=None: required" in audit_cli([*MODEL_ARGS, file_arg, f"data.root={trained['root']}"], capsys)
     assert "one or the other" in audit_cli([*MODEL_ARGS, file_arg, f"run.dir={trained['run']}", *base], capsys)

@@ -24,7 +24,7 @@ from amint_dist.audit.inputs import (
 from amint_dist.data.prepare import load_manifest
 from amint_dist.data.transforms import data_config_for
 from amint_dist.io import sha256_file
-from amint_dist.models.auditable import create_backbone
+from amint_dist.models.auditable import create_backbone, model_from_record
 from amint_dist.records.signing import Verifier
 from amint_dist.records.trail import TrailError
 from amint_dist.records.verification import refusal
@@ -66,15 +66,23 @@ def file_model_record(model: FileModelConfig, weights: Path, dataset_classes: in
     if num_classes != dataset_classes:
         raise ValueError(f"{weights} has a {num_classes}-class classifier, the dataset root has {dataset_classes} "
                          "classes: audit it against the dataset it was trained on")
-    backbone = create_backbone(model.name, num_classes, img_size, model.in_chans, model.kwargs)
+    try:
+        backbone = create_backbone(model.name, num_classes, img_size, model.in_chans, model.kwargs)
+    except ValueError as e:  # "model.kwargs: ..." is audit.model.kwargs here
+        raise ValueError(f"audit.{e}") from None
     _load_strictly(backbone, state, weights, model.name)
-    return {
+    record = {
         "model": {"name": model.name, "img_size": img_size, "in_chans": model.in_chans, "num_classes": num_classes,
                   "kwargs": dict(model.kwargs)},
         "mint": {"mode": "passive", "taps": model.taps, "head": model.head.record()},
         "data_config": data_config_for(backbone, img_size, model.in_chans, model.transform),
         "weights_sha256": sha256_file(weights),
     }
+    try:  # the passive head on these taps, one forward: a bad tap or head fails now, before any hashing
+        model_from_record(record).check_forward(record["data_config"]["input_size"])
+    except ValueError as e:
+        raise ValueError(f"audit.model.taps={model.taps!r}, audit.model.head={model.head.record()}: {e}") from None
+    return record
 
 
 def _classifier_classes(state: dict, classifier: str | tuple | None) -> int | None:
