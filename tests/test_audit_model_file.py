@@ -155,3 +155,20 @@ def test_a_verifier_holding_a_key_refuses_a_model_without_trail(trained, tmp_pat
             f"audit.out_dir={tmp_path / 'out'}", f"audit.public_key={key}", *QUICK]
     error = audit_cli(argv, capsys)
     assert error.startswith(f"error: refusing to audit {trained['pth']}: no audit_trail.jsonl"), error
+
+
+@pytest.mark.slow
+def test_two_ranks_audit_a_model_file_like_one(trained, file_audit, tmp_path):
+    out = tmp_path / "two_ranks"
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", str(REPO / "launch" / "audit.py"), *MODEL_ARGS,
+           f"audit.model.file={trained['pth']}", f"data.root={trained['root']}", f"audit.out_dir={out}",
+           "audit.passive.enabled=false", "audit.workers=1", "audit.n_boot=20", "audit.protocols=[seen,null]"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("audit report:") == 1
+    assert json.loads((out / "report.json").read_text())["settings"]["world_size"] == 2
+    two, one = scores_of(out), scores_of(file_audit)
+    for p in ("seen", "null"):
+        np.testing.assert_array_equal(two[f"{p}/key"], one[f"{p}/key"])
+        for method in BASELINES:
+            np.testing.assert_allclose(two[f"{p}/{method}"], one[f"{p}/{method}"], rtol=1e-6, atol=1e-9)
