@@ -3,7 +3,6 @@ fixed-FPR table, then every metric, the suspect set's details and the notes. Eve
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +11,7 @@ from amint_dist.audit.suspect import suspect_markdown, suspect_verdict
 
 TABLE_METRICS = {"auc": "AUC", "balanced_accuracy": "bal. acc", "tpr_at_1pct_fpr": "TPR@1%FPR"}
 PER_SAMPLE_FPR = 0.01  # the FPR "How to read this report" quotes
+LEAD_METHODS = ("amint", "passive")  # the score it quotes: the first one present
 
 
 def _cell(metric: dict | None) -> str:
@@ -67,12 +67,13 @@ def _metrics_table(protocols: Mapping[str, dict]) -> list[str]:
     return lines + ["", f"Evaluation members/non-members: {counts}.", ""]
 
 
-def _best_at(protocol: Mapping[str, Any], fpr: float) -> tuple[str, dict] | None:
-    """The method with the highest TPR at ``fpr`` and its fixed-FPR row."""
+def _lead_at(protocol: Mapping[str, Any], fpr: float) -> tuple[str, dict] | None:
+    """The lead MINT head (``amint``, else ``passive``, else the first method) and its fixed-FPR row at ``fpr``
+    (the head the verdict uses, not the best on these samples: no selection on evaluation data)."""
     table = protocol.get("fixed_fpr") or {}
-    rows = {m: next((r for r in rows if r["fpr"] == fpr), None) for m, rows in table.items()}
-    rows = {m: r for m, r in rows.items() if r and r["tpr"] is not None and not math.isnan(r["tpr"])}
-    return max(rows.items(), key=lambda item: item[1]["tpr"]) if rows else None
+    lead = next((m for m in LEAD_METHODS if m in table), next(iter(table), None))
+    row = next((r for r in table.get(lead, []) if r["fpr"] == fpr), None)
+    return (lead, row) if row and row["tpr"] is not None else None
 
 
 def how_to_read(report: Mapping[str, Any]) -> list[str]:
@@ -80,13 +81,13 @@ def how_to_read(report: Mapping[str, Any]) -> list[str]:
     check, what a fixed FPR can resolve, what integrity means."""
     protocols, suspect = report["protocols"], report.get("suspect")
     name = "seen" if "seen" in protocols else next(iter(protocols), None)
-    best = _best_at(protocols[name], PER_SAMPLE_FPR) if name else None
-    here = (f" Here the best method on `{name}`, {best[0]}, catches {best[1]['tpr']:.1%} of members while wrongly "
-            f"flagging {best[1]['evaluation_fpr']:.1%} of non-members (target {PER_SAMPLE_FPR:.0%}: "
-            f"{best[1]['nonmembers_at_fpr']:.3g} of {best[1]['n_nonmembers']})." if best else "")
-    lead = suspect["methods"].get(suspect["verdict_method"]) if suspect and suspect.get("verdict_method") else None
-    set_level = (f" Here the {suspect['n']} suspect images give p = {lead['p_value']:.2g} "
-                 f"({suspect['verdict_method']}): both facts are true at once." if lead else
+    lead = _lead_at(protocols[name], PER_SAMPLE_FPR) if name else None
+    here = (f" Here on `{name}` the {lead[0]} score catches {lead[1]['tpr']:.1%} of members while wrongly "
+            f"flagging {lead[1]['evaluation_fpr']:.1%} of non-members (target {PER_SAMPLE_FPR:.0%}: "
+            f"{lead[1]['nonmembers_at_fpr']:.3g} of {lead[1]['n_nonmembers']})." if lead else "")
+    tested = suspect["methods"].get(suspect["verdict_method"]) if suspect and suspect.get("verdict_method") else None
+    set_level = (f" Here the {suspect['n']} suspect images give p = {tested['p_value']:.2g} "
+                 f"({suspect['verdict_method']}): both facts are true at once." if tested else
                  " Pass audit.suspect=PATH to ask it of a set of images.")
     per_sample = ("- **Per-sample evidence** (the fixed-FPR tables): can *one* image be called a member? TPR at a "
                   "fixed FPR is the share of members caught while that share of non-members is wrongly flagged; "
