@@ -7,6 +7,19 @@ from typing import Literal
 
 from amint_dist.audit.protocols import PROTOCOLS
 from amint_dist.config import Config, option
+from amint_dist.models.config import HeadConfig
+
+TRANSFORM_KEYS = ("crop_pct", "crop_mode", "interpolation", "mean", "std")  # timm data-config entries
+
+
+@dataclass
+class FileHeadConfig(HeadConfig):
+    """The passive MINT head of a model file (``mint.head``'s fields, under ``audit.model.head``)."""
+
+    section = "audit.model.head"
+
+
+CONV_HEAD = FileHeadConfig(kind="conv", channels=64, hidden=256, dropout=0.2, grid=1)  # as configs/mint/conv.yaml
 
 
 @dataclass
@@ -17,6 +30,32 @@ class PassiveConfig(Config):
     epochs: int = option(10, lo=0, help="passive head epochs")
     lr: float = option(1e-3, lo=0, lo_open=True, help="passive head learning rate")
     batch_size: int = option(64, lo=1, help="member rows per step (external rows in proportion to the split sizes)")
+
+
+@dataclass
+class FileModelConfig(Config):
+    """A model trained elsewhere, audited from its weights file and timm name (no run dir, ledger or trail)."""
+
+    section = "audit.model"
+
+    name: str | None = option(None, help="timm name of a model trained elsewhere (with audit.model.file, no run.dir)")
+    file: str | None = option(None, help="its weights: timm state_dict / checkpoint (read weights-only) or "
+                                         ".safetensors")
+    img_size: int | None = option(None, lo=1, help="input height and width; null: timm's default for the model")
+    in_chans: Literal[1, 3] = option(3, help="input channels the file was trained with: 3 (RGB) or 1 (grayscale)")
+    kwargs: dict = option({}, help="further timm.create_model arguments the file was trained with")
+    transform: dict = option({}, help="its eval transform: timm data-config overrides (crop_pct, interpolation, "
+                             "mean, std); {}: timm's for the model")
+    taps: str | list = option("middle", help="the passive MINT head's taps: entry | middle | output, or indices")
+    head: FileHeadConfig = option(CONV_HEAD, help="the passive MINT head (audit.model.head.*; the paper's conv head)")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.transform) - set(TRANSFORM_KEYS))
+        if unknown:
+            raise self.error("transform", f"unknown {unknown}; valid: {list(TRANSFORM_KEYS)}")
+        if (self.name is None) != (self.file is None):
+            raise self.error("file" if self.file is None else "name", "audit.model.name and audit.model.file "
+                             "go together (the timm architecture and its weights)")
 
 
 @dataclass
@@ -37,6 +76,7 @@ class AuditConfig(Config):
     alpha: float = option(0.01, lo=0, hi=1, lo_open=True, hi_open=True,
                           help="the suspect set test's level: verdict 'used' when the aMINT p-value is below it")
     passive: PassiveConfig = option(PassiveConfig(), help="the passive MINT baseline (audit.passive.*)")
+    model: FileModelConfig = option(FileModelConfig(), help="a model file to audit instead of a run (audit.model.*)")
 
     def __post_init__(self) -> None:
         names = ["null" if n is None else str(n) for n in self.protocols]  # a bare null (YAML's None): the protocol
@@ -44,3 +84,5 @@ class AuditConfig(Config):
         if unknown:
             raise self.error("protocols", f"unknown {unknown}; valid: {list(PROTOCOLS)}")
         self.protocols = list(dict.fromkeys(names))
+        if self.model.file and not self.out_dir:
+            raise self.error("out_dir", "required with audit.model.file (there is no run dir to write into)")

@@ -21,11 +21,13 @@ from amint_dist.audit.baselines import BASELINES
 from amint_dist.audit.config import AuditConfig
 from amint_dist.audit.inputs import AuditInputs, describe, load_inputs
 from amint_dist.audit.model_card import write_model_card
+from amint_dist.audit.model_file import load_file_inputs
 from amint_dist.audit.passive import fresh_head, train_passive
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
 from amint_dist.audit.reader import SplitReader, process_state
-from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, integrity_notes,
-                                     summary_notes, task_section, write_outputs)
+from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, summary_notes,
+                                     task_section, write_outputs)
+from amint_dist.audit.report_md import integrity_notes
 from amint_dist.audit.scoring import StackedHeads, gather_split, score_batch, score_split
 from amint_dist.audit.suspect import MEMBER_SPLIT, audit_suspect, reference_scores
 from amint_dist.cli import to_dict
@@ -47,20 +49,30 @@ def audit_config(config_dir: str | Path, run_dir: str | Path) -> dict:
 
 
 def run_audit(cfg: Mapping[str, Any]) -> Path:
-    """Audit ``cfg.run.dir`` (optionally against ``cfg.data.root``); return the path of report.md on every rank."""
+    """Audit ``cfg.run.dir`` or ``cfg.audit.model.file`` (optionally against ``cfg.data.root``); return the path
+    of report.md on every rank."""
     run_dir = (cfg.get("run") or {}).get("dir")
-    if not run_dir:
-        raise ValueError("run.dir is required: a training run dir, or a dir with model.safetensors + model_config.json")
     acfg = AuditConfig.from_dict(cfg["audit"])
+    if bool(run_dir) == bool(acfg.model.file):
+        raise ValueError("run.dir=RUN (a training run dir, or a dir with model.safetensors + model_config.json) or "
+                         "audit.model.name=NAME audit.model.file=WEIGHTS: one of the two is required"
+                         if not run_dir else "run.dir and audit.model.file: audit one or the other")
     state = process_state()
-    with main_process_holds(state, lambda: RunDirLock(Path(run_dir), "audit").acquire()):  # one writer per run dir
+    held = Path(run_dir) if run_dir else _made(Path(acfg.out_dir))  # one writer per run dir (or output dir)
+    with main_process_holds(state, lambda: RunDirLock(held, "audit").acquire()):
         return _audit(acfg, run_dir, (cfg.get("data") or {}).get("root"), state)
 
 
-def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: PartialState) -> Path:
-    """:func:`run_audit`, its run dir held by rank 0."""
-    inputs = load_inputs(run_dir, data_root, state.process_index, state.num_processes,
-                         gather_object, Verifier.from_env(acfg.public_key))
+def _made(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _audit(acfg: AuditConfig, run_dir: str | None, data_root: str | None, state: PartialState) -> Path:
+    """:func:`run_audit`, its run dir (or output dir) held by rank 0."""
+    load = partial(load_inputs, run_dir) if run_dir else partial(load_file_inputs, acfg.model)
+    inputs = load(data_root, state.process_index, state.num_processes, gather_object,
+                  Verifier.from_env(acfg.public_key))
     model = inputs.build_model().to(state.device)
     reader = SplitReader(inputs, model, state.process_index, state.num_processes, acfg.workers, acfg.seed)
     autocast = partial(torch.autocast, state.device.type, dtype=torch.bfloat16, enabled=acfg.precision == "bf16")
@@ -109,8 +121,9 @@ def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: Partia
         }
         if acfg.suspect:
             report["suspect"] = _suspect(acfg, inputs, reader, scorer, names, scored, state, autocast, out_dir)
-        write_outputs(out_dir, report, samples, Monitor(Path(run_dir), True))
-        write_model_card(Path(run_dir), report)
+        write_outputs(out_dir, report, samples, Monitor(Path(run_dir or out_dir), True))
+        if run_dir:
+            write_model_card(Path(run_dir), report)
     state.wait_for_everyone()
     return out_dir / "report.md"
 
@@ -121,8 +134,8 @@ def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: AuditConfig, r
     if inputs.mint_mode == "off":
         return model, [], [], ["the model has no MINT head (mint.mode=off): no amint or passive scores"]
     notes = ["the model's head was trained passively (mint.mode=passive): 'amint' is a passive head"
-             ] if inputs.mint_mode == "passive" else []
-    heads, names, history = [model.mint_head], ["amint"], []
+             ] if inputs.mint_mode == "passive" and inputs.own_head else []
+    heads, names, history = ([model.mint_head], ["amint"], []) if inputs.own_head else ([], [], [])
     pcfg, counts = acfg.passive, inputs.manifest["counts"]
     if pcfg.enabled and counts["members"] and counts["external"]:
         head = fresh_head(inputs.model_config, acfg.seed)
@@ -136,6 +149,8 @@ def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: AuditConfig, r
         names.append("passive")
     elif pcfg.enabled:
         notes.append("passive MINT skipped: the members or external split is empty")
+    if not heads:  # a model file without the passive head: the population baselines only
+        return AuditableModel(model.backbone, None, [], "off"), [], history, notes
     return AuditableModel(model.backbone, StackedHeads(heads), model.taps, "passive"), names, history, notes
 
 

@@ -1,13 +1,13 @@
 """AuditableModel: a timm classifier and its MINT head as one module (one DeepSpeed engine)."""
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
-from .backbone import config_error, create_backbone  # noqa: F401 (create_backbone: still importable from here)
+from .backbone import config_error
 from .config import MintConfig, ModelConfig
 from .heads import build_head
 from .init_weights import build_backbone
@@ -31,6 +31,7 @@ class AuditableModel(nn.Module):
         self.mint_head = mint_head
         self.taps = list(taps)
         self.mode = mode
+        self.record: dict | None = None  # the model and mint configs it was built from (build_auditable_model)
         # ViT-like backbones hand token heads their tokens, prefix (cls/register) tokens included
         wants_tokens = getattr(mint_head, "input_fmt", "NCHW") == "NLC"
         self._tap_kwargs = (
@@ -103,7 +104,14 @@ def _join_prefix(tap: Tensor | tuple[Tensor, Tensor]) -> Tensor:
 
 
 def build_auditable_model(model_cfg: ModelConfig, mint_cfg: MintConfig) -> AuditableModel:
-    """AuditableModel from the typed ``model`` and ``mint`` configs (``model.num_classes`` resolved)."""
+    """AuditableModel from the typed ``model`` and ``mint`` configs (``model.num_classes`` resolved); its
+    ``record`` holds the two as ``model_config.json`` keeps them."""
+    model = _build(model_cfg, mint_cfg)
+    model.record = {"model": asdict(model_cfg), "mint": mint_cfg.model_record()}
+    return model
+
+
+def _build(model_cfg: ModelConfig, mint_cfg: MintConfig) -> AuditableModel:
     if model_cfg.num_classes is None:
         raise ValueError("model.num_classes=None: set it, or let training take it from the dataset root")
     backbone = build_backbone(model_cfg)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from accelerate import Accelerator
 
 from amint_dist import __version__
@@ -39,19 +40,27 @@ def save_final_model(accelerator: Accelerator, model, run_dir: Path, model_cfg: 
     state_dict = accelerator.get_state_dict(model)  # a collective: every rank calls it
     if not accelerator.is_main_process:
         return
+    record = {"model": asdict(model_cfg), "init": dict(init or {}), "mint": mint_cfg.model_record()}
+    write_model(run_dir, state_dict, record, accelerator.unwrap_model(model).taps, data_config, data_root, manifest)
+
+
+def write_model(directory: Path, state_dict: Mapping[str, torch.Tensor], record: Mapping, taps: Sequence[int],
+                data_config: Mapping, data_root: str | Path, manifest: Mapping) -> None:
+    """``model.safetensors`` and ``model_config.json``: the model, init and mint ``record``, taps, eval data config,
+    dataset identity and the weights' sha256 (what the audit rebuilds and checks the model from)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    atomic_write_bytes(run_dir / "model.safetensors", safetensors.torch.save(tensors, metadata={"format": MODEL_FORMAT}))
-    unwrapped = accelerator.unwrap_model(model)
-    atomic_write_json(run_dir / "model_config.json", {
+    atomic_write_bytes(directory / "model.safetensors",
+                       safetensors.torch.save(tensors, metadata={"format": MODEL_FORMAT}))
+    atomic_write_json(directory / "model_config.json", {
         "format": MODEL_FORMAT,
         "tool_version": __version__,
-        "model": asdict(model_cfg),
-        "init": dict(init or {}),
-        "mint": mint_cfg.model_record(),
-        "taps": list(unwrapped.taps),
+        "model": record["model"],
+        "init": dict(record.get("init") or {}),
+        "mint": record["mint"],
+        "taps": list(taps),
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         "dataset": {"root": str(Path(data_root).resolve()),
                     "splits_sha256": sha256_file(Path(data_root) / "splits.json"),
                     "num_classes": manifest["num_classes"]},
-        "weights_sha256": sha256_file(run_dir / "model.safetensors"),
+        "weights_sha256": sha256_file(directory / "model.safetensors"),
     })
