@@ -3,7 +3,8 @@
 report.json (format ``amint-dist-audit/1``; every metric is ``{"value": x, "ci95": [lo, hi]}``,
 null where undefined)::
 
-    format, tool_version, created, audited {run_dir, model {...}, dataset {...}},
+    format, tool_version, created, audited {run_dir, model {...}, dataset {...},
+                                            weights {scored: model | ema, file, sha256, ema {decay, warmup}}},
     members_rule, ledger (bool), settings {...}, methods {name: description}, notes [...],
     task {accuracy, split: heldout, n, per_split {split: {value, ci95, n}}},  # Wilson 95% intervals
     scored {split: {n, skipped {reason: n}}}, passive_training [{epoch, loss, ...}],
@@ -130,6 +131,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         integrity_line(report.get("integrity") or {}),
         "",
+        weights_line(report["audited"].get("weights") or {"scored": "model", "file": "model.safetensors"}),
+        "",
         *(suspect_markdown(report["suspect"]) if report.get("suspect") else []),
         f"Task accuracy on heldout: **{_cell(task)}** (n={report['task']['n']}). "
         f"Members: {report['members_rule']}. Thresholds chosen on a "
@@ -150,6 +153,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += fixed_fpr_markdown(name, protocols[name].get("fixed_fpr") or {})
     lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def weights_line(weights: Mapping[str, Any]) -> str:
+    """report.md's statement of which weights were scored (``audit.weights``)."""
+    ema = weights.get("ema")
+    kind = f"EMA weights (decay {ema['decay']})" if weights["scored"] == "ema" and ema else "final weights"
+    return f"Weights scored: **{weights['scored']}** (`{weights['file']}`, the run's {kind})."
 
 
 def integrity_line(integrity: Mapping[str, Any]) -> str:

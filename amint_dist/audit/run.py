@@ -93,7 +93,7 @@ def run_audit(cfg: Mapping[str, Any]) -> Path:
 def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: PartialState) -> Path:
     """:func:`run_audit`, its run dir held by rank 0."""
     inputs = load_inputs(run_dir, data_root, state.process_index, state.num_processes,
-                         gather_object, Verifier.from_env(acfg.public_key))
+                         gather_object, Verifier.from_env(acfg.public_key), acfg.weights)
     model = inputs.build_model().to(state.device)
     reader = _Reader(inputs, model, state.process_index, state.num_processes, acfg.workers, acfg.seed)
     autocast = partial(torch.autocast, state.device.type, dtype=torch.bfloat16, enabled=acfg.precision == "bf16")

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import safetensors.torch
 from accelerate import Accelerator
+from timm.utils.model_ema import ModelEmaV3
 
 from amint_dist import __version__
 from amint_dist.data.config import DataConfig
 from amint_dist.data.prepare import load_manifest, prepare_dataset
 from amint_dist.io import atomic_write_bytes, atomic_write_json, sha256_file
 from amint_dist.models.config import MintConfig, ModelConfig
+from amint_dist.records.artifacts import EMA_WEIGHTS
+from amint_dist.train.ema import ema_file_bytes
 
 MODEL_FORMAT = "amint-dist-model/1"
 
@@ -33,13 +36,19 @@ def ensure_dataset(data_cfg: DataConfig, accelerator: Accelerator) -> dict:
 
 
 def save_final_model(accelerator: Accelerator, model, run_dir: Path, model_cfg: ModelConfig, mint_cfg: MintConfig,
-                     data_config: Mapping, data_root: str, manifest: Mapping) -> None:
-    """Write ``model.safetensors`` (consolidated from every rank, e.g. ZeRO-3) and ``model_config.json``."""
+                     data_config: Mapping, data_root: str, manifest: Mapping, ema: ModelEmaV3 | None = None) -> None:
+    """Write ``model.safetensors`` (consolidated from every rank, e.g. ZeRO-3), with ``ema`` the EMA weights as
+    ``model_ema.safetensors`` (the same keys), and ``model_config.json`` recording their sha256."""
     state_dict = accelerator.get_state_dict(model)  # a collective: every rank calls it
     if not accelerator.is_main_process:
         return
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     atomic_write_bytes(run_dir / "model.safetensors", safetensors.torch.save(tensors, metadata={"format": MODEL_FORMAT}))
+    ema_record = {}
+    if ema is not None:
+        atomic_write_bytes(run_dir / EMA_WEIGHTS, ema_file_bytes(ema, metadata={"format": MODEL_FORMAT}))
+        ema_record = {"ema": {"decay": ema.decay, "warmup": ema.use_warmup},
+                      "ema_weights_sha256": sha256_file(run_dir / EMA_WEIGHTS)}
     unwrapped = accelerator.unwrap_model(model)
     atomic_write_json(run_dir / "model_config.json", {
         "format": MODEL_FORMAT,
@@ -52,4 +61,5 @@ def save_final_model(accelerator: Accelerator, model, run_dir: Path, model_cfg: 
                     "splits_sha256": sha256_file(Path(data_root) / "splits.json"),
                     "num_classes": manifest["num_classes"]},
         "weights_sha256": sha256_file(run_dir / "model.safetensors"),
+        **ema_record,
     })

@@ -12,18 +12,21 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from timm.utils.model_ema import ModelEmaV3
 from tqdm import tqdm
 
 from amint_dist.data.pipeline import ShardedSplitStream, make_loader
-from amint_dist.dist import reduce_sum
+from amint_dist.dist import reduce_sum, tensors_sha256
 from amint_dist.records.trail import AuditTrail
 from amint_dist.train.batches import CyclingBatches, combine
 from amint_dist.train.checkpoint import load_rank_state, save_checkpoint
 from amint_dist.train.config import JobConfig
+from amint_dist.train.ema import EMA_CHECKPOINT_FILE, ema_file_bytes, load_ema
 from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
 from amint_dist.train.negatives import shifted_batch
@@ -52,11 +55,13 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, streams: Mapping[str, ShardedSplitStream], state: TrainState,
                  exposure: ExposureRecorder, reporter: Reporter, run_dir: Path, *,
                  memory_format: torch.memory_format = torch.contiguous_format, trail: AuditTrail | None = None,
-                 resumed_from: Path | None = None, stop: StopSignals | None = None):
+                 resumed_from: Path | None = None, stop: StopSignals | None = None, ema: ModelEmaV3 | None = None):
         """``resumed_from``: the checkpoint ``state`` was loaded from (its position counts as saved; this rank's
-        running statistics continue from it). ``stop``: checked at every optimizer step; once the ranks agree,
-        the step is checkpointed and :meth:`fit` returns early with ``stopped`` set."""
+        running statistics and EMA weights continue from it). ``stop``: checked at every optimizer step; once the
+        ranks agree, the step is checkpointed and :meth:`fit` returns early with ``stopped`` set. ``ema``: updated
+        after every optimizer step (``train.ema``)."""
         self.config, self.accelerator, self.model, self.optimizer = config, accelerator, model, optimizer
+        self.ema, self._unwrapped = ema, accelerator.unwrap_model(model)
         self.streams, self.state, self.exposure, self.reporter = streams, state, exposure, reporter
         self.run_dir, self.memory_format, self.trail, self.stop = run_dir, memory_format, trail, stop
         self.stopped = False
@@ -78,6 +83,8 @@ class Trainer:
         if resumed_from is not None:
             self.saved_at, self.last_checkpoint = self._position(), resumed_from.name
             reporter.load_rank_state(load_rank_state(resumed_from, accelerator.process_index))
+            if ema is not None:
+                load_ema(ema, resumed_from)
 
     # ---- one micro-step ----
 
@@ -110,19 +117,18 @@ class Trainer:
         if stepped:
             self.state.step += 1
             self.state.cursors = self._cursors()
+            if self.ema is not None:  # timm's step-based decay: the first step copies the weights
+                self.ema.update(self._unwrapped, step=self.state.step)
         return StepOutput(losses.task.detach(), None if losses.mint is None else losses.mint.detach(), stepped)
 
     def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, LossParts]:
         """Forward, the weighted loss's backward, clipping and the optimizer, through ``accelerator.accumulate``."""
-        tcfg, mcfg, clip = self.config.train, self.config.mint, self.config.optim.clip_grad
+        clip = self.config.optim.clip_grad
         with self.accelerator.accumulate(self.model):
             for group in self.optimizer.param_groups:  # before backward: DeepSpeed steps inside accelerator.backward
                 group["lr"] = self.lr()
             logits, mint_logit = self.model(batch["image"])
-            losses = LossParts(
-                task_loss(logits, batch["label"], batch["task_mask"], tcfg.label_smoothing),
-                mint_loss(mint_logit, batch["is_member"], batch["mint_mask"], mcfg.member_weight) if mcfg.on else None,
-            )
+            losses = self._losses(batch, logits, mint_logit)
             if self.losses.norms is None:
                 self._set_norms(losses)
             self.accelerator.backward(self.losses(losses))
@@ -131,6 +137,13 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return logits, mint_logit, losses
+
+    def _losses(self, batch: dict, logits: torch.Tensor, mint_logit: torch.Tensor | None) -> LossParts:
+        tcfg, mcfg = self.config.train, self.config.mint
+        return LossParts(
+            task_loss(logits, batch["label"], batch["task_mask"], tcfg.label_smoothing),
+            mint_loss(mint_logit, batch["is_member"], batch["mint_mask"], mcfg.member_weight) if mcfg.on else None,
+        )
 
     def lr(self) -> float:
         """The learning rate of the next optimizer step."""
@@ -227,5 +240,10 @@ class Trainer:
         self.state.cursors = self._cursors()
         path = save_checkpoint(self.accelerator, self.run_dir, self.state, self.exposure.ledger,
                                self.config.train.keep_checkpoints, model=self.model, trail=self.trail,
-                               rank_state=self.reporter.rank_state())
+                               rank_state=self.reporter.rank_state(), agree=self._agree(),
+                               files={EMA_CHECKPOINT_FILE: partial(ema_file_bytes, self.ema)} if self.ema else None)
         self.saved_at, self.last_checkpoint = self._position(), path.name
+
+    def _agree(self) -> dict:
+        """State beyond the parameters that every rank must hold alike (checked with each checkpoint)."""
+        return {"ema_sha256": tensors_sha256(self.ema.state_dict().items())[0]} if self.ema else {}
