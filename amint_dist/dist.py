@@ -89,6 +89,11 @@ def reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(tensor.to(accelerator.device), reduction="sum").cpu()
 
 
+def mean_over_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of a device tensor over ranks, left on the device (no host sync)."""
+    return tensor if accelerator.num_processes == 1 else accelerator.reduce(tensor, reduction="mean")
+
+
 def engine_name(accelerator: Accelerator, model: Any) -> str:
     """``single``, ``ddp`` or ``zero<stage>``, read from the prepared model itself."""
     if hasattr(model, "zero_optimization_stage"):

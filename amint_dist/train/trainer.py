@@ -21,8 +21,9 @@ from timm.utils.model_ema import ModelEmaV3
 from tqdm import tqdm
 
 from amint_dist.data.pipeline import ShardedSplitStream, make_loader
-from amint_dist.dist import reduce_sum, tensors_sha256
+from amint_dist.dist import mean_over_ranks, reduce_sum, tensors_sha256
 from amint_dist.records.trail import AuditTrail
+from amint_dist.train.balancer import Famo
 from amint_dist.train.batches import CyclingBatches, combine
 from amint_dist.train.checkpoint import load_rank_state, save_checkpoint
 from amint_dist.train.config import JobConfig
@@ -72,7 +73,10 @@ class Trainer:
             self.total_steps = min(self.total_steps, tcfg.max_steps)
         steps_per_epoch = max(1, len(streams["members"]) // tcfg.grad_accum)
         self.warmup = round(config.optim.warmup_epochs * steps_per_epoch)
-        self.losses = LossCombiner(config.mint.task_weight, config.mint.weight, config.mint.normalize)
+        mcfg = config.mint
+        self.famo = Famo(mcfg.task_weight, mcfg.weight, mcfg.famo_lr, mcfg.famo_weight_decay,
+                         partial(mean_over_ranks, accelerator), accelerator.device) if mcfg.balancer == "famo" else None
+        self.losses = self.famo or LossCombiner(mcfg.task_weight, mcfg.weight, mcfg.normalize)
         if state.loss_norms:
             self.losses.set_norms(*state.loss_norms)
         self._cycling = {s: CyclingBatches(st, *state.cursors.get(s, [0, 0]))
@@ -85,6 +89,11 @@ class Trainer:
             reporter.load_rank_state(load_rank_state(resumed_from, accelerator.process_index))
             if ema is not None:
                 load_ema(ema, resumed_from)
+            if self.famo is not None:
+                if state.balancer is None:
+                    raise ValueError(f"{resumed_from.name} holds no FAMO state: it was saved with mint.balancer=fixed; "
+                                     "resume with mint.balancer=fixed, or start a new run")
+                self.famo.load_state_dict(state.balancer)
 
     # ---- one micro-step ----
 
@@ -136,7 +145,19 @@ class Trainer:
                 self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip or math.inf)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.famo is not None and self.accelerator.sync_gradients:
+            self.famo.update(self._remeasured(batch))
         return logits, mint_logit, losses
+
+    @torch.no_grad()
+    def _remeasured(self, batch: dict) -> LossParts:
+        """The losses of ``batch`` with the updated model (FAMO's delta), in training mode like the losses they are
+        compared with; the model's buffers (BatchNorm statistics) are put back: the measurement leaves no trace."""
+        buffers = [b.clone() for b in self._unwrapped.buffers()]
+        losses = self._losses(batch, *self.model(batch["image"]))
+        for buffer, saved in zip(self._unwrapped.buffers(), buffers):
+            buffer.copy_(saved)
+        return losses
 
     def _losses(self, batch: dict, logits: torch.Tensor, mint_logit: torch.Tensor | None) -> LossParts:
         tcfg, mcfg = self.config.train, self.config.mint
@@ -195,8 +216,8 @@ class Trainer:
         tcfg = self.config.train
         bar.update(1)
         if self.state.step % tcfg.log_every == 0:
-            summary = self.reporter.log_window(self.state, self.exposure.ledger, self.lr(),
-                                               resource_scalars(self.accelerator.device, self.grad_norm))
+            local = resource_scalars(self.accelerator.device, self.grad_norm) | (self.famo.scalars() if self.famo else {})
+            summary = self.reporter.log_window(self.state, self.exposure.ledger, self.lr(), local)
             bar.set_postfix({k.split("/")[1]: f"{summary[k]:.4f}" for k in ("train/task_loss", "train/mint_loss")
                              if k in summary}, refresh=False)
         if tcfg.ckpt_every_steps and self.state.step % tcfg.ckpt_every_steps == 0:
@@ -238,6 +259,7 @@ class Trainer:
         self.reporter.merge_skips(self.state, self.exposure.ledger)
         self.exposure.sync()  # first: every step a checkpoint covers is in the trace
         self.state.cursors = self._cursors()
+        self.state.balancer = self.famo.state_dict() if self.famo else None
         path = save_checkpoint(self.accelerator, self.run_dir, self.state, self.exposure.ledger,
                                self.config.train.keep_checkpoints, model=self.model, trail=self.trail,
                                rank_state=self.reporter.rank_state(), agree=self._agree(),
@@ -245,5 +267,7 @@ class Trainer:
         self.saved_at, self.last_checkpoint = self._position(), path.name
 
     def _agree(self) -> dict:
-        """State beyond the parameters that every rank must hold alike (checked with each checkpoint)."""
-        return {"ema_sha256": tensors_sha256(self.ema.state_dict().items())[0]} if self.ema else {}
+        """State beyond the parameters that every rank must hold alike (checked with each checkpoint). Buffers
+        (BatchNorm statistics) differ between DDP ranks, the model's as the EMA's: rank 0's are saved."""
+        agree = {"ema_param_sha256": tensors_sha256(self.ema.module.named_parameters())[0]} if self.ema else {}
+        return {**agree, **({"famo_logits": self.state.balancer["logits"]} if self.famo else {})}
