@@ -21,11 +21,13 @@ from test_distributed import ENGINES, launcher
 from train_helpers import ENV, REPO, run_train
 
 from amint_dist.audit.run import run_audit
+from amint_dist.config import ConfigError
 from amint_dist.io import sha256_file
 from amint_dist.records.artifacts import TamperedError
 from amint_dist.records.signing import Verifier
 from amint_dist.records.trail import TRAIL_NAME
 from amint_dist.records.verification import verify_run
+from amint_dist.train.config import EmaConfig
 
 DECAY = 0.5  # far from 0 and 1: the average differs visibly from both the first and the last weights
 STEPS = 3
@@ -127,6 +129,17 @@ def test_audit_of_ema_weights_of_a_run_without_them_is_one_line(tmp_path, train_
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: audit.weights=ema: {run_dir} has no EMA weights (model_config.json records none: trained with "
         "train.ema.decay off); use audit.weights=model")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"decay": 1.0}, "train.ema.decay=1.0: expected a number >= 0 and < 1 or null"),
+    ({"decay": 0.99, "device": "gpu"}, "train.ema.device='gpu': expected one of ['model', 'cpu']"),
+])
+def test_bad_ema_settings_are_one_line(values, message):
+    with pytest.raises(ConfigError) as error:
+        EmaConfig.from_dict(values)
+    assert str(error.value) == message
+    assert not EmaConfig.from_dict({"decay": 0}).on and not EmaConfig().on and EmaConfig.from_dict({"decay": 0.9}).on
 
 
 @pytest.mark.slow
