@@ -136,6 +136,30 @@ def test_famo_weights_reach_tensorboard_and_follow_the_same_trajectory(uninterru
     assert scalars(resumed, "train/famo_task_weight") == task
 
 
+def test_famo_and_ema_update_once_per_optimizer_step_under_gradient_accumulation(tmp_path, train_root):
+    """train.grad_accum=2: two micro-batches per optimizer step, one FAMO update and one EMA update per step."""
+    run_dir = tmp_path / "accum"
+    run_train(run_dir, train_root, "mint.balancer=famo", "train.ema.decay=0.5", "train.grad_accum=2",
+              "train.max_steps=2", "train.ckpt_every_steps=1", "train.keep_checkpoints=0")
+    steps = [run_dir / "checkpoints" / f"step-{s:08d}" for s in (1, 2)]
+    assert [json.loads((d / "train_state.json").read_text())["balancer"]["adam"]["step"] for d in steps] == [1, 2]
+    first, second = (safetensors.torch.load_file(str(d / "model.safetensors")) for d in steps)
+    ema = safetensors.torch.load_file(str(steps[1] / "ema.safetensors"))
+    for name, value in second.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ema[name], first[name].lerp(value, 0.5), rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_resuming_with_famo_or_ema_from_a_checkpoint_without_them_is_one_line(tmp_path, train_root):
+    run_dir = tmp_path / "plain"
+    run_train(run_dir, train_root, "train.max_steps=1")
+    for override, message in [("mint.balancer=famo", "holds no FAMO state: it was saved with mint.balancer=fixed"),
+                              ("train.ema.decay=0.9", "holds no ema.safetensors: it was saved with train.ema off")]:
+        proc = run_train(run_dir, train_root, "train.max_steps=2", "resume=latest", override, check=False)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith("error: step-00000001 ") and message in last, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
 def test_ranks_hold_the_same_famo_and_ema_weights(tmp_path, train_root, engine):

@@ -77,7 +77,7 @@ class Trainer:
         self.famo = Famo(mcfg.task_weight, mcfg.weight, mcfg.famo_lr, mcfg.famo_weight_decay,
                          partial(mean_over_ranks, accelerator), accelerator.device) if mcfg.balancer == "famo" else None
         self.losses = self.famo or LossCombiner(mcfg.task_weight, mcfg.weight, mcfg.normalize)
-        if state.loss_norms:
+        if state.loss_norms and self.famo is None:
             self.losses.set_norms(*state.loss_norms)
         self._cycling = {s: CyclingBatches(st, *state.cursors.get(s, [0, 0]))
                          for s, st in streams.items() if s != "members"}
