@@ -23,19 +23,12 @@ from amint_dist.config import Config, option
 from amint_dist.io import atomic_write_bytes, atomic_write_json, sha256_file
 from amint_dist.models import ModelConfig
 from amint_dist.models.backbone import config_error, create_backbone, timm_kwargs
-from amint_dist.records.artifacts import TamperedError
-from amint_dist.records.run_model import read_run_configs, required, verify_run_model
+from amint_dist.records.run_model import read_run_configs, required, run_weights, verify_run_model
 from amint_dist.records.signing import Verifier
 from amint_dist.records.trail import TrailError
 
 EXPORT_FORMAT = "amint-dist-export/1"
 PREFIX = "backbone."
-WEIGHTS = {  # export.weights -> (file in the run dir, model_config.json key recording its sha256)
-    "model": ("model.safetensors", "weights_sha256"),
-    "ema": ("model_ema.safetensors", "ema_weights_sha256"),
-}
-
-
 @dataclass
 class ExportConfig(Config):
     section = "export"
@@ -116,8 +109,4 @@ def _verified_source(run_dir: Path, model_config: dict, run_config: dict | None,
                                  purpose="export")
     if integrity["status"] == "broken":
         raise TrailError(f"refusing to export {run_dir}: its audit trail is broken: {integrity['problems'][0]}")
-    name, recorded_key = WEIGHTS[ecfg.weights]
-    source = required(run_dir / name, f"export.weights={ecfg.weights}: {name}")
-    if ecfg.weights != "model" and sha256_file(source) != model_config.get(recorded_key):
-        raise TamperedError(f"{source} does not match model_config.json {recorded_key}: refusing to export it")
-    return source, integrity
+    return run_weights(run_dir, model_config, ecfg.weights, "export.weights"), integrity

@@ -94,11 +94,14 @@ def test_tampered_weights_are_refused_even_with_their_hash_rewritten(trained, tm
 
 def test_ema_weights_must_exist_and_be_recorded(trained, tmp_path):
     copy = Path(shutil.copytree(trained, tmp_path / "copy"))
-    line = error_line(export_cli(copy, "export.weights=ema"))
-    assert "model_ema.safetensors" in line and "not found" in line
+    no_ema = f"export.weights=ema: {copy} has no EMA weights (model_config.json records none"
+    assert no_ema in error_line(export_cli(copy, "export.weights=ema"))
     shutil.copy(copy / "model.safetensors", copy / "model_ema.safetensors")  # planted, recorded nowhere
-    line = error_line(export_cli(copy, "export.weights=ema"))
-    assert "model_ema.safetensors does not match model_config.json ema_weights_sha256" in line
+    assert no_ema in error_line(export_cli(copy, "export.weights=ema"))
+    config = json.loads((copy / "model_config.json").read_text())
+    (copy / "model_config.json").write_text(json.dumps({**config, "ema_weights_sha256": "0" * 64}))  # and recorded
+    line = error_line(export_cli(copy, "export.weights=ema"))  # model_config.json no longer the trail's
+    assert "refusing to export" in line and "trail is broken" in line
     assert "export.out='x.pt': must end in .safetensors" in error_line(export_cli(copy, "export.out=x.pt"))
 
 

@@ -67,6 +67,8 @@ class AuditConfig(Config):
     protocols: list = option(["seen", "unseen", "null"], help="protocols to run: seen | unseen | null")
     batch_size: int = option(256, lo=1, help="evaluation batch per rank")
     workers: int = option(2, lo=0, help="loader workers per rank")
+    weights: Literal["model", "ema"] = option(
+        "model", help="which weights to score: model (model.safetensors) | ema (model_ema.safetensors, train.ema)")
     precision: Literal["fp32", "bf16"] = option("fp32", help="fp32 | bf16 (autocast on GPUs; scores stay float64)")
     seed: int = option(0, lo=0, help="calibration share, null halves, class balancing, passive head, bootstrap")
     n_boot: int = option(1000, lo=1, help="bootstrap resamples per metric")

@@ -14,11 +14,12 @@ from typing import Any
 import timm
 
 from amint_dist.records import artifacts
+from amint_dist.records.artifacts import RUN_WEIGHTS
 from amint_dist.data.prepare import load_manifest
 from amint_dist.io import sha256_file
 from amint_dist.models import AuditableModel, model_from_record
 from amint_dist.records.signing import Verifier
-from amint_dist.records.run_model import read_run_configs, required, verify_run_model
+from amint_dist.records.run_model import read_run_configs, required, run_weights, verify_run_model
 from amint_dist.records.ledger import ExposureLedger
 
 Gather = Callable[[list], list]  # every rank's list items, concatenated in rank order (accelerate's gather_object)
@@ -36,7 +37,8 @@ class AuditInputs:
     run_config: dict | None  # the run's config.yaml, None for a model trained elsewhere
     ledger: ExposureLedger | None  # None when the run dir has no ledger.npz
     integrity: dict = field(default_factory=dict)  # the audit trail's verdict (records.verification.verify_run)
-    weights: Path | None = None  # default: RUN/model.safetensors
+    weights: str = "model"  # the run's weights scored: model (model.safetensors) | ema (model_ema.safetensors)
+    weights_path: Path | None = None  # a model file audited by name (no run dir); None: the run's ``weights``
     own_head: bool = True  # False: a model file without a MINT head (the weights are the backbone's)
 
     @property
@@ -45,7 +47,7 @@ class AuditInputs:
 
     @property
     def weights_file(self) -> Path:
-        return self.weights or self.run_dir / "model.safetensors"
+        return self.weights_path or self.run_dir / RUN_WEIGHTS[self.weights][0]
 
     def build_model(self) -> AuditableModel:
         """The audited model with its verified weights (strict load: any missing/extra tensor refuses); a model
@@ -74,8 +76,10 @@ def read_weights(path: Path) -> dict:
 
 
 def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0, world: int = 1,
-                gather: Gather = lambda items: items, verifier: Verifier | None = None) -> AuditInputs:
+                gather: Gather = lambda items: items, verifier: Verifier | None = None,
+                weights: str = "model") -> AuditInputs:
     """Read and verify the run dir and dataset root; every rank hashes its share of the dataset files.
+    ``weights``: ``model`` or ``ema`` (the run's EMA weights, verified like model.safetensors).
 
     ``data_root`` defaults to the root recorded in model_config.json, then to the run's config.yaml. A
     ``verifier`` holding a key refuses any trail that does not verify with it (absent, unsigned, broken).
@@ -83,7 +87,8 @@ def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0
     verifier = verifier or Verifier()
     run_dir = Path(run_dir)
     model_config, run_config = read_run_configs(run_dir)
-    weights = required(run_dir / "model.safetensors", "model weights")
+    model_weights = required(run_dir / "model.safetensors", "model weights")
+    run_weights(run_dir, model_config, weights, "audit.weights")
     root = data_root or model_config.get("dataset", {}).get("root") or (run_config or {}).get("data", {}).get("root")
     if not root:
         raise ValueError(f"no dataset root recorded for {run_dir}: pass data.root=/path/to/root")
@@ -92,12 +97,12 @@ def load_inputs(run_dir: str | Path, data_root: str | Path | None, rank: int = 0
     splits_sha256 = sha256_file(root / "splits.json")
 
     artifacts.verify_dataset_identity(root, splits_sha256, model_config)  # the cheap checks first
-    integrity = verify_run_model(run_dir, model_config, run_config, splits_sha256, verifier, sha256_file(weights))
+    integrity = verify_run_model(run_dir, model_config, run_config, splits_sha256, verifier, sha256_file(model_weights))
     verify_dataset_files(root, manifest, rank, world, gather)
     sizes = {split: int(meta["num_samples"]) for split, meta in manifest["splits"].items()}
     ledger_path = run_dir / "ledger.npz"
     ledger = ExposureLedger.load(ledger_path, sizes) if ledger_path.is_file() else None
-    return AuditInputs(run_dir, root, manifest, splits_sha256, model_config, run_config, ledger, integrity)
+    return AuditInputs(run_dir, root, manifest, splits_sha256, model_config, run_config, ledger, integrity, weights)
 
 
 def verify_dataset_files(root: Path, manifest: dict, rank: int, world: int, gather: Gather) -> None:
@@ -114,6 +119,8 @@ def describe(inputs: AuditInputs) -> dict[str, Any]:
         "weights_file": str(inputs.weights_file.resolve()),
         "model": {"name": mc["model"]["name"], "mint": mc["mint"], "taps": mc.get("taps"),
                   "weights_sha256": mc["weights_sha256"], "run_config": inputs.run_config is not None},
+        "weights": {"scored": inputs.weights, "file": inputs.weights_file.name,
+                    "sha256": mc[RUN_WEIGHTS[inputs.weights][1]], **({"ema": mc["ema"]} if "ema" in mc else {})},
         "dataset": {"root": str(inputs.data_root.resolve()), "splits_sha256": inputs.splits_sha256,
                     "counts": inputs.manifest["counts"],
                     "verified_files": len(artifacts.dataset_files(inputs.data_root, inputs.manifest))},

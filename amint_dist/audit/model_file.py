@@ -52,7 +52,7 @@ def load_file_inputs(model: FileModelConfig, data_root: str | Path | None, rank:
         raise TrailError(f"refusing to audit {weights}: {refused}")
     verify_dataset_files(root, manifest, rank, world, gather)
     return AuditInputs(None, root, manifest, sha256_file(root / "splits.json"), record, None, None, integrity,
-                       weights=weights, own_head=False)
+                       weights_path=weights, own_head=False)
 
 
 def file_model_record(model: FileModelConfig, weights: Path, dataset_classes: int) -> dict[str, Any]:

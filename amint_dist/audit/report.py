@@ -4,7 +4,7 @@ report.json (format ``amint-dist-audit/1``; every metric is ``{"value": x, "ci95
 null where undefined)::
 
     format, tool_version, created, audited {run_dir (null for a model file), weights_file, model {...,
-        weights_sha256}, dataset {...}},
+        weights_sha256}, dataset {...}, weights {scored: model | ema, file, sha256, ema {decay, warmup}}},
     members_rule, ledger (bool), settings {...}, methods {name: description}, notes [...],
     task {accuracy, split: heldout, n, per_split {split: {value, ci95, n}}},  # Wilson 95% intervals
     scored {split: {n, skipped {reason: n}}}, passive_training [{epoch, loss, ...}],

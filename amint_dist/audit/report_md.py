@@ -27,7 +27,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     protocols, suspect = report["protocols"], report.get("suspect")
     lines = [f"# aMINT audit of {_audited(report['audited'])}", ""]
     lines += [suspect_verdict(suspect), ""] if suspect else []
-    lines += [integrity_line(report.get("integrity") or {}), "", _task_line(report), ""]
+    lines += [integrity_line(report.get("integrity") or {}), ""]
+    lines += [weights_line(report["audited"]["weights"]), ""] if report["audited"].get("run_dir") else []
+    lines += [_task_line(report), ""]
     lines += how_to_read(report)
     lines += ["## Per-sample evidence: TPR at fixed FPR", ""]
     for name, protocol in protocols.items():
@@ -37,6 +39,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += suspect_markdown(suspect) if suspect else []
     lines += ["## Notes", "", *(f"- {note}" for note in report["notes"])]
     return "\n".join(lines) + "\n"
+
+
+def weights_line(weights: Mapping[str, Any]) -> str:
+    """Which of a run's weights were scored (``audit.weights``)."""
+    ema = weights.get("ema")
+    kind = f"EMA weights (decay {ema['decay']})" if weights["scored"] == "ema" and ema else "final weights"
+    return f"Weights scored: **{weights['scored']}** (`{weights['file']}`, the run's {kind})."
 
 
 def _audited(audited: Mapping[str, Any]) -> str:

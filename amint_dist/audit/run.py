@@ -57,6 +57,8 @@ def run_audit(cfg: Mapping[str, Any]) -> Path:
         raise ValueError("run.dir=RUN (a training run dir, or a dir with model.safetensors + model_config.json) or "
                          "audit.model.name=NAME audit.model.file=WEIGHTS: one of the two is required"
                          if not run_dir else "run.dir and audit.model.file: audit one or the other")
+    if acfg.model.file and acfg.weights != "model":
+        raise ValueError(f"audit.weights={acfg.weights}: a model file is audited as given (audit.weights=model)")
     state = process_state()
     held = Path(run_dir) if run_dir else _made(Path(acfg.out_dir))  # one writer per run dir (or output dir)
     with main_process_holds(state, lambda: RunDirLock(held, "audit").acquire()):
@@ -70,7 +72,7 @@ def _made(directory: Path) -> Path:
 
 def _audit(acfg: AuditConfig, run_dir: str | None, data_root: str | None, state: PartialState) -> Path:
     """:func:`run_audit`, its run dir (or output dir) held by rank 0."""
-    load = partial(load_inputs, run_dir) if run_dir else partial(load_file_inputs, acfg.model)
+    load = partial(load_inputs, run_dir, weights=acfg.weights) if run_dir else partial(load_file_inputs, acfg.model)
     inputs = load(data_root, state.process_index, state.num_processes, gather_object,
                   Verifier.from_env(acfg.public_key))
     model = inputs.build_model().to(state.device)

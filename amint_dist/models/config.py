@@ -67,10 +67,19 @@ class MintConfig(Config):
     member_shift: int = option(0, lo=0, help="> 0: members shifted by up to this many pixels are extra MINT negatives")
     external_shift: int = option(0, lo=0, help="> 0: the same for external samples")
     member_weight: float = option(1.0, lo=0, lo_open=True, help="weight of member rows in the MINT BCE")
+    balancer: Literal["fixed", "famo"] = option(
+        "fixed", help="fixed: task_weight and weight | famo: FAMO's adaptive weights, starting from them")
+    famo_lr: float = option(0.025, lo=0, lo_open=True, help="learning rate of FAMO's task-weight logits (Adam)")
+    famo_weight_decay: float = option(1e-3, lo=0, help="weight decay of FAMO's task-weight logits (gamma)")
 
     def __post_init__(self) -> None:
         if self.mode != "off" and (self.taps is None or self.head is None):
             raise self.error("mode", "needs both 'taps' and 'head'")
+        if self.balancer == "famo" and self.mode == "off":
+            raise self.error("balancer", "balances two losses; mint.mode=off trains the task alone (use fixed)")
+        if self.balancer == "famo" and not (self.task_weight and self.weight):
+            raise self.error("balancer", f"FAMO starts from z = (task_weight, weight) normalised: both must be > 0 "
+                                         f"(mint.task_weight={self.task_weight}, mint.weight={self.weight})")
 
     def model_record(self) -> dict[str, Any]:
         """The mint keys that define the model (``MODEL_MINT_KEYS``), as model_config.json records them."""

@@ -44,3 +44,17 @@ def verify_run_model(run_dir: Path, model_config: dict, run_config: dict | None,
     if run_config is not None:
         artifacts.verify_model_config(run_config, model_config, run_dir / "config.yaml")
     return integrity
+
+
+def run_weights(run_dir: Path, model_config: dict, which: str, key: str) -> Path:
+    """The run's ``which`` weights file (``artifacts.RUN_WEIGHTS``: model | ema), which model_config.json must
+    record; the EMA file is checked against that record here (model.safetensors: by :func:`verify_run_model`).
+    ``key``: the config key that chose it (``audit.weights``), for the one-line errors."""
+    name, record = artifacts.RUN_WEIGHTS[which]
+    if which == "ema" and not model_config.get(record):
+        raise ValueError(f"{key}=ema: {run_dir} has no EMA weights (model_config.json records none: trained with "
+                         f"train.ema.decay off); use {key}=model")
+    path = required(run_dir / name, f"{key}={which}: {which} weights")
+    if which != "model":
+        artifacts.verify_weights(path, model_config, None, record)
+    return path

@@ -20,6 +20,7 @@ from amint_dist.dist import main_process_holds, reduce_sum, shared_run_dir
 from amint_dist.io import atomic_write_text, sha256_file
 from amint_dist.models import AuditableModel, ModelConfig, build_auditable_model
 from amint_dist.models.init_weights import init_record
+from amint_dist.records.artifacts import EMA_WEIGHTS
 from amint_dist.records.ledger import ExposureLedger
 from amint_dist.records.signing import Signer
 from amint_dist.records.trail import AuditTrail
@@ -30,6 +31,7 @@ from amint_dist.train.accelerator import make_accelerator, resolve_precision
 from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.checkpoint import clean_partials, latest_checkpoint, load_checkpoint
 from amint_dist.train.config import JobConfig
+from amint_dist.train.ema import make_ema, refuse_ema_under_zero3
 from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.exposure_trace import ExposureTrace
 from amint_dist.train.optim import make_optimizer
@@ -54,6 +56,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
     with ExitStack() as held:
         accelerator = make_accelerator(config.train, config.optim)
         _refuse_compile_under_zero3(config, accelerator)
+        refuse_ema_under_zero3(config.train.ema, accelerator)
         set_seed(config.train.seed)
         run_dir = shared_run_dir(accelerator, config.run.dir)
         manifest = ensure_dataset(config.data, accelerator)
@@ -68,6 +71,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
         held.enter_context(main_process_holds(accelerator, lambda: claim_run_dir(run_dir, config.resume)))
         optimizer = make_optimizer(model.param_groups(config.optim.weight_decay), config.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
+        ema = make_ema(config.train.ema, accelerator.unwrap_model(model), accelerator.device)
         _check_precision(config, accelerator, model, data_config["input_size"])
         trail = AuditTrail(run_dir, sha256_file(Path(config.data.root) / "splits.json"), Signer.from_env())
         state, ledger, resumed = _start(config, accelerator, run_dir, manifest["counts"], trail)
@@ -79,13 +83,13 @@ def train(cfg: Mapping[str, Any]) -> Path:
         with StopSignals(accelerator.num_processes) as stop:
             trainer = Trainer(config, accelerator, model, optimizer, streams, state, ExposureRecorder(ledger, trace),
                               reporter, run_dir, memory_format=memory_format, trail=trail, resumed_from=resumed,
-                              stop=stop)
+                              stop=stop, ema=ema)
             trainer.fit()
         if trainer.stopped:
             _stop(trainer, stop.name())
         init = trail.start_entry().get("init", {"from": "random"}) if accelerator.is_main_process else None
         save_final_model(accelerator, model, run_dir, model_cfg, config.mint, data_config, config.data.root, manifest,
-                         init)
+                         init, ema)
         _finish(trainer)
         return run_dir
 
@@ -167,8 +171,9 @@ def _finish(trainer: Trainer) -> None:
     summed = trainer.exposure.ledger.summed(partial(reduce_sum, accelerator))
     if accelerator.is_main_process:
         summed.save(run_dir / "ledger.npz")
+        ema = {"ema_weights_sha256": sha256_file(run_dir / EMA_WEIGHTS)} if trainer.ema is not None else {}
         trainer.trail.append("final", checkpoint=trainer.last_checkpoint, step=trainer.state.step,
                              ledger_sha256=summed.digest(), weights_sha256=sha256_file(run_dir / "model.safetensors"),
-                             model_config_sha256=sha256_file(run_dir / "model_config.json"))
+                             model_config_sha256=sha256_file(run_dir / "model_config.json"), **ema)
     accelerator.wait_for_everyone()
     trainer.reporter.monitor.close()
