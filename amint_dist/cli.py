@@ -34,7 +34,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from amint_dist.provenance import record_command
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, MissingMandatoryValue)
-OPEN_MAPPING = "model.kwargs"  # timm arguments: the one place overrides may add keys (the model build checks them)
+OPEN_MAPPINGS = ("model.kwargs", "audit.model.kwargs", "audit.model.transform")  # timm arguments: where overrides may
+# add keys (the model build and timm's data config check them)
 INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")  # Hydra's --info
 QUIET_LOGGERS = ("accelerate",)  # per-checkpoint "Saving current state ..." INFO lines: shown with -v only
 
@@ -264,7 +265,7 @@ def _reset_accelerate() -> None:
 def _compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
     """``compose(config_name, overrides)`` (inside ``initialize_config_dir``), refusing overrides that would be
     silently ignored or stored unused: any ``hydra.*`` / ``hydra/...`` (no job runner here), and ``+``/``++``
-    additions, except timm arguments under ``model.kwargs`` where the config has it (``++KEY=V`` of an existing
+    additions, except timm arguments under ``OPEN_MAPPINGS`` where the config has it (``++KEY=V`` of an existing
     KEY is an ordinary override). Every group is in the entry points' defaults lists: none is appended."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     for o in parsed:
@@ -277,11 +278,11 @@ def _compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
         base = compose(config_name, overrides=[o.input_line for o, add in zip(parsed, adds) if not add])
         for o in (o for o, add in zip(parsed, adds) if add):
             key = o.key_or_group
-            opened = key.startswith(f"{OPEN_MAPPING}.") and OmegaConf.select(base, OPEN_MAPPING) is not None
+            opened = any(key.startswith(f"{m}.") and OmegaConf.select(base, m) is not None for m in OPEN_MAPPINGS)
             if not opened and (o.is_add() or not _has(base, key)):
                 raise OverrideError(f"{o.input_line}: adds {key}, refused: the {config_name} config takes changes to "
                                     f"the keys and groups it has (KEY=VALUE); new keys only as timm arguments "
-                                    f"under {OPEN_MAPPING}")
+                                    f"under {' or '.join(OPEN_MAPPINGS)}")
     return compose(config_name, overrides=overrides)
 
 

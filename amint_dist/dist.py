@@ -11,7 +11,7 @@ import hashlib
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,11 @@ def reduce_sum(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(tensor.to(accelerator.device), reduction="sum").cpu()
 
 
+def mean_over_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of a device tensor over ranks, left on the device (no host sync)."""
+    return tensor if accelerator.num_processes == 1 else accelerator.reduce(tensor, reduction="mean")
+
+
 def engine_name(accelerator: Accelerator, model: Any) -> str:
     """``single``, ``ddp`` or ``zero<stage>``, read from the prepared model itself."""
     if hasattr(model, "zero_optimization_stage"):
@@ -113,15 +118,21 @@ def full_parameters(accelerator: Accelerator, model: Any, chunk: int = 64) -> It
             yield from part
 
 
-def rank_report(accelerator: Accelerator, model: Any) -> dict:
-    """This rank's place in the world and a sha256 of the full parameters it would compute with."""
+def tensors_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, int]:
+    """sha256 over (name, bytes) of ``named`` tensors in order, and their element count."""
     digest = hashlib.sha256()
-    full = 0
-    for name, p in full_parameters(accelerator, model):
-        t = p.detach().contiguous().cpu()
+    count = 0
+    for name, tensor in named:
+        t = tensor.detach().cpu().reshape(-1)  # 0-d tensors (scalar buffers) too
         digest.update(name.encode())
         digest.update(t.view(torch.uint8).numpy().tobytes())
-        full += t.numel()
+        count += t.numel()
+    return digest.hexdigest(), count
+
+
+def rank_report(accelerator: Accelerator, model: Any, agree: Mapping[str, Any] | None = None) -> dict:
+    """This rank's place in the world, a sha256 of the full parameters it would compute with and ``agree``."""
+    param_sha256, full = tensors_sha256(full_parameters(accelerator, model))
     params = accelerator.unwrap_model(model).parameters()
     local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
     return {
@@ -136,13 +147,15 @@ def rank_report(accelerator: Accelerator, model: Any) -> dict:
         "device": str(accelerator.device),
         "param_numel": full,
         "local_param_numel": local,  # ZeRO-3: this rank's shard only
-        "param_sha256": digest.hexdigest(),
+        "param_sha256": param_sha256,
+        **(agree or {}),
     }
 
 
-def check_ranks_agree(accelerator: Accelerator, model: Any) -> dict:
-    """Gather every rank's report (a collective); raise when ranks hold different parameters."""
-    mine = rank_report(accelerator, model)
+def check_ranks_agree(accelerator: Accelerator, model: Any, agree: Mapping[str, Any] | None = None) -> dict:
+    """Gather every rank's report (a collective); raise when ranks hold different parameters or ``agree`` values
+    (further state every rank must hold alike, e.g. a digest of the EMA weights)."""
+    mine = rank_report(accelerator, model, agree)
     reports = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
     summary = {
         "engine": engine_name(accelerator, model),
@@ -155,4 +168,7 @@ def check_ranks_agree(accelerator: Accelerator, model: Any) -> dict:
         summary["deepspeed_config"] = {k: v for k, v in config.items() if k != "steps_per_print"}
     if len({r["param_sha256"] for r in reports}) != 1:
         raise RuntimeError(f"ranks hold different parameters: {[(r['rank'], r['param_sha256'][:12]) for r in reports]}")
+    for key in agree or {}:
+        if len({repr(r[key]) for r in reports}) != 1:
+            raise RuntimeError(f"ranks hold different {key}: {[(r['rank'], r[key]) for r in reports]}")
     return summary

@@ -34,7 +34,7 @@ from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, epoch_shar
 from amint_dist.data.prepare import load_manifest, prepare_dataset
 from amint_dist.data.sources import IMAGE_EXTENSIONS
 from amint_dist.data.transforms import data_config_for, make_transform
-from amint_dist.models.auditable import create_backbone
+from amint_dist.models.backbone import create_backbone
 
 
 def natural_ish_jpeg(rng: np.random.Generator, size: int) -> bytes:
@@ -113,8 +113,7 @@ class EndlessReader:
     def __call__(self) -> int:
         rows = 0
         for _ in range(self.reps):
-            n = self.stream.batches_per_reader(self.epoch) * self.stream.readers
-            rows += sum(int(next(self.batches)["valid"].sum()) for _ in range(n))
+            rows += sum(int(next(self.batches)["valid"].sum()) for _ in range(len(self.stream)))
             self.epoch += 1
         return rows
 

@@ -31,7 +31,7 @@ from _record import REPO, RESULTS, alternate, record, set_threads, verdict
 from amint_dist.cli import to_dict
 from amint_dist.train.accelerator import make_accelerator
 from amint_dist.models import build_auditable_model
-from amint_dist.models.auditable import create_backbone
+from amint_dist.models.backbone import create_backbone
 from amint_dist.records.ledger import ExposureLedger
 from amint_dist.tb import Monitor
 from amint_dist.train.config import JobConfig
@@ -66,10 +66,7 @@ class _FakeStream:
     """What ``Trainer.__init__`` asks of a stream (its epoch length); no data behind it."""
 
     def __init__(self, batches: int):
-        self.readers, self._batches = 1, batches
-
-    def batches_per_reader(self, epoch=None) -> int:
-        return self._batches
+        self._batches = batches
 
     def __len__(self) -> int:
         return self._batches

@@ -5,7 +5,9 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from amint_dist.audit.model_card import write_model_card
 from amint_dist.audit.run import audit_config, run_audit
+from amint_dist.audit.validation import run_validation
 from amint_dist.cli import run_cli
 from amint_dist.config import help_lines
 from amint_dist.train.config import JobConfig
@@ -16,7 +18,7 @@ CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 
 
 def main(cfg: dict) -> None:
-    """Train, then audit (``run.audit``); a run stopped by SIGUSR1/SIGTERM has checkpointed: exit 0 at once (no
+    """Train, then score on the validation share (``run.validate``) and audit (``run.audit``); a run stopped by SIGUSR1/SIGTERM has checkpointed: exit 0 at once (no
     audit, no further run of a sweep)."""
     try:
         run_dir = train(cfg)
@@ -25,7 +27,12 @@ def main(cfg: dict) -> None:
             print(stopped, flush=True)
         raise SystemExit(0) from None
     if PartialState().is_main_process:
+        write_model_card(run_dir)  # RUN/MODEL_CARD.md; the audit rewrites it with its figures
         print(f"run finished: {run_dir}")
+    if cfg["run"]["validate"]:  # recipe selection figures: the validation share only
+        figures = run_validation(audit_config(CONFIGS, run_dir))
+        if PartialState().is_main_process:
+            print(f"validation figures: {figures}")
     if cfg["run"]["audit"]:  # configs/audit.yaml's defaults, on this run and the dataset root it was trained on
         report = run_audit(audit_config(CONFIGS, run_dir))
         if PartialState().is_main_process:

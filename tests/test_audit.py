@@ -4,6 +4,7 @@ null protocol at chance, tampering refused with the file named, a model trained 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.torch
+from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -130,9 +132,31 @@ def audit_cfg(run_dir: Path, data_root: Path | None = None, **audit) -> dict:
 def test_main_job_prints_the_report_path(audited_run):
     run_dir, stdout = audited_run
     assert f"audit report: {run_dir / 'audit' / 'report.md'}" in stdout
-    table, fixed = (run_dir / "audit" / "report.md").read_text().split("TPR at fixed FPR, `seen`")
+
+
+def test_report_md_opens_with_integrity_then_how_to_read_then_per_protocol_tables(audited_run, report):
+    text = (audited_run[0] / "audit" / "report.md").read_text()
+    lines = text.splitlines()
+    assert lines[0].startswith("# aMINT audit of ") and lines[2].startswith("Integrity: **NOT established**")
+    sections = [line for line in lines if line.startswith("## ") or line.startswith("### ")]
+    assert sections == ["## How to read this report", "## Per-sample evidence: TPR at fixed FPR",
+                        *(f"### `{p}`: {report['protocols'][p]['description']}" for p in PROTOCOLS),
+                        "## All metrics (95% bootstrap intervals)", "## Notes"]
+    how_to_read = text.split("## How to read this report")[1].split("## Per-sample")[0]
+    row = report["protocols"]["seen"]["fixed_fpr"]["amint"][3]  # FPR 0.01: the per-sample figure quoted
+    assert f"on `seen` the amint score catches {row['tpr']:.1%} of members" in how_to_read
+    assert "Set-level evidence" in how_to_read and "audit.suspect=PATH" in how_to_read
+    for p in PROTOCOLS:
+        section = text.split(f"### `{p}`")[1].split("###")[0].split("## All metrics")[0]
+        n = report["protocols"][p]["n_nonmembers"]
+        assert f"FPR 0.01 (= {0.01 * n:.3g} of {n} non-members)" in section, p
+        assert section.count("\n| ") == 1 + len(METHODS), p
+        for method, rows in report["protocols"][p]["fixed_fpr"].items():  # every cell is report.json's
+            cells = [f"{r['tpr']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}], FPR {r['evaluation_fpr']:.3f}"
+                     for r in rows]
+            assert f"| {method} | " + " | ".join(cells) + " |" in section, (p, method)
+    table = text.split("## All metrics")[1].split("## Notes")[0]
     assert table.count("\n| ") == 1 + len(METHODS) and "| **amint** |" in table
-    assert fixed.count("\n| ") == 1 + len(METHODS) and "| FPR 0.1 (<= " in fixed
 
 
 def test_report_and_run_dir_carry_provenance(audited_run, report):
@@ -166,6 +190,8 @@ def test_report_follows_the_contract(report, train_root):
         assert [r["fpr"] for r in rows] == [0.0, 1e-4, 1e-3, 1e-2, 0.1], name
         assert all(r["ci95"][0] <= r["tpr"] <= r["ci95"][1] for r in rows) and rows[0]["tpr"] <= rows[-1]["tpr"]
         assert rows[1]["false_positives_allowed"] == 0 < rows[-1]["false_positives_allowed"]
+        assert {r["threshold_from"] for r in rows} == {"calibration"}
+        assert {r["n_threshold_nonmembers"] for r in rows} == {protocol["n_calibration_nonmembers"]}
     assert report["protocols"]["seen"]["members_excluded_not_consumed"] == 0  # two epochs consume every member
     assert len(report["passive_training"]) == 10 and report["settings"]["n_boot"] == 1000
 
@@ -187,6 +213,30 @@ def test_scores_npz_recomputes_the_report(report, scores, train_root):
             balanced = balanced_accuracy_at(labels, scores[f"{name}/{method}"], threshold)
             assert balanced == pytest.approx(protocol["methods"][method]["balanced_accuracy"]["value"], abs=1e-12)
     assert set(scores["seen/split"]) == {"members", "heldout"} and set(scores["unseen/split"]) == {"probe", "heldout"}
+
+
+def test_fixed_fpr_tables_recompute_from_scores_npz(report, scores):
+    """Thresholds from the calibration non-members only; TPR and FPR counted on the evaluation samples."""
+    for name, protocol in report["protocols"].items():
+        labels = scores[f"{name}/label"]
+        calibration_nonmember = scores[f"calibration/{name}/label"] == 0
+        for method, rows in protocol["fixed_fpr"].items():
+            evaluated = scores[f"{name}/{method}"]
+            ranked = np.sort(scores[f"calibration/{name}/{method}"][calibration_nonmember])[::-1]
+            for row in rows:
+                allowed = math.floor(row["fpr"] * ranked.size + 1e-9)
+                # flagged: above the (allowed + 1)-th highest calibration non-member (all when that many are allowed)
+                flagged = evaluated > ranked[allowed] if allowed < ranked.size else np.ones(evaluated.size, bool)
+                assert int(np.sum(ranked >= row["threshold"])) <= allowed == row["false_positives_allowed"]
+                hits, false_positives = int(np.sum(flagged & (labels == 1))), int(np.sum(flagged & (labels == 0)))
+                n_members, n_nonmembers = int(labels.sum()), int((labels == 0).sum())
+                assert (row["true_positives"], row["false_positives"]) == (hits, false_positives), (name, method)
+                assert row["tpr"] == hits / n_members and row["evaluation_fpr"] == false_positives / n_nonmembers
+                for (k, n), ci in (((hits, n_members), row["ci95"]), ((false_positives, n_nonmembers),
+                                                                     row["evaluation_fpr_ci95"])):
+                    exact = binomtest(k, n).proportion_ci(0.95, method="exact")
+                    assert ci == pytest.approx([exact.low, exact.high], abs=1e-12)
+                assert row["nonmembers_at_fpr"] == pytest.approx(row["fpr"] * n_nonmembers)
 
 
 def test_null_protocol_reads_chance(report):

@@ -24,6 +24,7 @@ from amint_dist.audit.metrics import (
     choose_threshold,
     evaluate_method,
     roc_auc,
+    roc_band,
     tpr_at_fpr,
 )
 from amint_dist.audit.plots import plot_roc, plot_score_histograms
@@ -297,3 +298,60 @@ def test_fixed_fpr_rows_count_false_positives_and_give_exact_intervals():
     lo, hi = rows[0]["ci95"]
     assert 0.44 < lo < 0.45 and 0.97 < hi < 0.98  # Clopper-Pearson for 8/10
     assert "| m | 0.800 [0.444, 0.975]" in "\n".join(fixed_fpr_markdown("seen", {"m": rows}))
+
+
+def test_fixed_fpr_thresholds_come_from_the_calibration_nonmembers():
+    from amint_dist.audit.fixed_fpr import fixed_fpr_rows
+    calibration = np.linspace(0.0, 0.99, 100)  # 100 calibration non-members: FPR 0.01 allows one (0.99)
+    labels = np.array([1] * 4 + [0] * 6)
+    scores = np.array([0.995, 0.985, 0.972, 0.5, 0.999, 0.975, 0.1, 0.2, 0.3, 0.4])
+    rows = fixed_fpr_rows(labels, scores, (0.0, 0.01, 0.02), calibration_nonmembers=calibration)
+    assert [r["threshold_from"] for r in rows] == ["calibration"] * 3
+    assert [r["false_positives_allowed"] for r in rows] == [0, 1, 2]
+    assert [(r["true_positives"], r["false_positives"]) for r in rows] == [(1, 1), (2, 1), (3, 2)]
+    assert 0.99 < rows[0]["threshold"] < 0.990001 and rows[1]["threshold"] > 0.98  # just above the (k+1)-th highest
+    assert rows[2]["evaluation_fpr"] == 2 / 6 and rows[2]["nonmembers_at_fpr"] == pytest.approx(0.12)
+    lo, hi = rows[1]["ci95"]  # exact interval of 2/4
+    assert lo == pytest.approx(0.0675865, abs=1e-6) and hi == pytest.approx(0.9324135, abs=1e-6)
+    read_off = fixed_fpr_rows(labels, scores, (0.0,))  # without calibration: the evaluation non-members decide
+    assert read_off[0]["threshold_from"] == "evaluation" and read_off[0]["false_positives"] == 0
+
+
+def test_roc_band_covers_the_curve_and_narrows_with_more_samples():
+    rng = np.random.default_rng(3)
+    grid = np.array([0.0, 0.01, 0.1, 0.5, 1.0])
+    widths = []
+    for n in (100, 2000):
+        labels = np.r_[np.ones(n), np.zeros(n)].astype(int)
+        scores = rng.normal(size=2 * n) + labels
+        lo, hi = roc_band(labels, scores, grid, n_boot=200)
+        point = np.array([tpr_at_fpr(labels, scores, g) for g in grid])
+        assert np.all(lo <= point + 1e-12) and np.all(point <= hi + 1e-12) and hi[-1] == lo[-1] == 1.0
+        widths.append(hi[2] - lo[2])
+    assert widths[1] < widths[0] / 2
+
+
+def test_roc_figure_marks_calibrated_points_and_band_histograms_read_log_odds():
+    rng = np.random.default_rng(5)
+    labels = np.r_[np.ones(300), np.zeros(300)].astype(int)
+    probs = 1 / (1 + np.exp(-(rng.normal(size=600) * 3 + 12 * labels)))  # members' probabilities round to ~1
+    loss = np.log(np.clip(rng.random(600), 1e-3, 1)) * (1 - 0.9 * labels)
+    curves = {"amint": (labels, probs), "loss": (labels, loss)}
+    fig = plot_roc(curves, None, "seen", thresholds={"amint": 0.5, "loss": None})
+    linear = fig.axes[0]
+    legend = [t.get_text() for t in linear.get_legend().get_texts()]
+    assert f"amint (AUC {roc_auc(labels, probs):.3f})" in legend and f"loss (AUC {roc_auc(labels, loss):.3f})" in legend
+    assert "calibrated threshold" in legend and "amint 95% bootstrap band" in legend
+    markers = [line for line in linear.get_lines() if line.get_marker() == "o"]
+    assert len(markers) == 1  # loss has no calibrated threshold
+    chosen = probs >= 0.5
+    assert markers[0].get_xdata()[0] == chosen[labels == 0].mean() and markers[0].get_ydata()[0] == chosen[labels == 1].mean()
+    assert len(linear.collections) == 1  # the band, around amint only
+    hist = plot_score_histograms({"seen": curves}, None)
+    amint_axis, loss_axis = hist.axes
+    assert amint_axis.get_xlabel() == "MINT logit" and loss_axis.get_xlabel() == "log-odds of the true class"
+    edges = [patch.get_x() for patch in amint_axis.patches]
+    logits = np.log(np.clip(probs, 1e-16, 1 - 1e-16)) - np.log1p(-np.clip(probs, 1e-16, 1 - 1e-16))
+    assert min(edges) == pytest.approx(logits.min()) and max(edges) > 5  # spread over logits, not in one bin at 1
+    members_in_top_bin = [p.get_height() for p in amint_axis.patches[:40]]  # the member histogram
+    assert max(members_in_top_bin) * (logits.max() - logits.min()) / 40 < 0.5  # no bin holds half the members

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from amint_dist.models import AuditableModel, model_from_record, resolve_taps
-from amint_dist.models.auditable import create_backbone
+from amint_dist.models.backbone import create_backbone
 
 NUM_CLASSES = 5
 IMG = 32

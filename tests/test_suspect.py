@@ -116,7 +116,12 @@ def test_cli_scores_a_suspect_folder_like_the_evaluation_samples(suspect_audit):
     assert section["verdict"] in ("used", "no evidence") and section["verdict_method"] == "amint"
     assert (section["verdict"] == "used") == (section["methods"]["amint"]["p_value"] < 0.01)
     assert section["n_reference_nonmembers"] > 50 and section["methods"]["amint"]["fraction"]["ci95"]
-    assert (suspect_audit / "report.md").read_text().splitlines()[4].startswith("Suspect set ")
+    lines = (suspect_audit / "report.md").read_text().splitlines()  # the verdict first, then integrity
+    assert lines[2].startswith("Suspect set ") and f"**{section['verdict']}**" in lines[2]
+    assert lines[4].startswith("Integrity: ")
+    how_to_read = "\n".join(lines).split("## How to read this report")[1].split("## Per-sample")[0]
+    p_value = section["methods"]["amint"]["p_value"]
+    assert f"Here the 80 suspect images give p = {p_value:.2g} (amint): both facts are true at once." in how_to_read
     suspect, scored = load_npz(suspect_audit / "suspect_scores.npz"), load_npz(suspect_audit / "scores.npz")
     audited = {}
     for part in ("seen", "calibration/seen"):

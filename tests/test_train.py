@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from train_helpers import REPO, TINY, assert_same_ledger, load_npz, run_train
+from train_helpers import REPO, TINY, assert_same_ledger, cli_error, load_npz, run_train
 
 EPOCHS = 2
 COMMON = (f"train.epochs={EPOCHS}", "optim.warmup_epochs=0.5", "train.exposure_log=true")
@@ -149,17 +149,10 @@ def test_empty_external_split_is_refused(tmp_path, capsys):
 
 def train_cli_error(tmp_path: Path, data_root: Path, overrides: list[str], capsys) -> str:
     """Run launch/train.py's CLI in-process; it must exit 2 with exactly one ``error:`` line."""
-    from amint_dist.cli import run_cli
     from amint_dist.train.loop import train
 
     argv = [f"run.dir={tmp_path / 'bad'}", f"data.root={data_root}", *TINY, *overrides]
-    capsys.readouterr()  # only what the CLI prints (not the progress bars of a dataset the test prepared)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(str(REPO / "configs"), "train", train, argv=argv)
-    assert exit_info.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), lines
-    return lines[0]
+    return cli_error("train", train, argv, capsys)
 
 
 @pytest.mark.parametrize("accum", [1, 3])

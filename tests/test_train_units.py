@@ -22,7 +22,7 @@ from amint_dist.train.negatives import shifted_batch
 from amint_dist.train.schedule import lr_at
 from amint_dist.train.skips import SkipBudget, SkipBudgetExceeded
 from amint_dist.train.config import JobConfig
-from amint_dist.train.stats import FIELDS, StepStats
+from amint_dist.train.stats import DEVICE_FIELDS, FIELDS, StepStats, step_sums
 from amint_dist.train.streams import check_dataset_fit, read_batches
 
 
@@ -310,6 +310,17 @@ def test_step_stats_add_reads_nothing_back_to_the_host(monkeypatch):
     assert stats.sums_dict()["member_rows"] == 4 and stats.sums_dict()["steps"] == 2
 
 
+def test_step_sums_stay_on_the_device_while_valid_stays_on_the_host():
+    """combine() puts the masks on the device and leaves ``valid`` on the host: the sums must not mix them (on
+    an H200 they did: 'Expected all tensors to be on the same device'). The meta device stands in for a GPU."""
+    device = torch.device("meta")
+    batch = {k: v if k == "valid" else v.to(device) for k, v in stats_batch().items()}
+    losses = LossParts(torch.tensor(0.7, device=device), torch.tensor(0.5, device=device))
+    for mint_logit in (None, MINT_LOGIT.to(device)):
+        sums = step_sums(batch, LOGITS.to(device), mint_logit, losses)
+        assert sums.device == device and sums.shape == (len(DEVICE_FIELDS),)
+
+
 def test_step_stats_ratios_over_two_identical_ranks_equal_one_ranks():
     stats = StepStats()
     stats.add(stats_batch(), LOGITS, MINT_LOGIT, LossParts(torch.tensor(0.7), torch.tensor(0.5)), 0.2, 1.0)
@@ -367,19 +378,19 @@ def test_read_batches_sizes_every_split():
     assert read_batches(sizing_cfg(mode="off"), COUNTS)["external"] == 0  # no MINT: external never read
     assert read_batches(sizing_cfg(probe=3), COUNTS)["probe"] == 3
     assert read_batches(sizing_cfg(batch=10), {**COUNTS, "probe": 0}) == {"members": 10, "external": 5, "probe": 0}
+    # auto never rounds a non-empty probe split down to 0 rows (it would go unread: no task training on it)
+    assert read_batches(sizing_cfg(batch=1), COUNTS)["probe"] == 1  # 1 x 100 / 400 = 0.25
+    assert read_batches(sizing_cfg(probe=0), COUNTS)["probe"] == 0  # asked for explicitly: unread
 
 
 def test_dataset_fit_accepts_a_config_that_fits():
     check_dataset_fit(sizing_cfg(), sizing_manifest(), world=4)  # 8 readers, 8 shards each
+    check_dataset_fit(sizing_cfg(workers=8), sizing_manifest(shards=1), world=4)  # 32 readers share 1 shard
     check_dataset_fit(sizing_cfg(mode="off"), sizing_manifest(external=1), world=4)  # an unread split needs no shards
     check_dataset_fit(sizing_cfg(grad_accum=25), sizing_manifest(), world=2)  # exactly 400 / (2 x 8) = 25 batches
 
 
 @pytest.mark.parametrize("cfg, world, manifest, message", [
-    (sizing_cfg(), 4, sizing_manifest(external=7),
-     "data.workers=2: split 'external' has 7 shards but 4 rank(s) x 2 reader(s) = 8 need one each; "),
-    (sizing_cfg(workers=0), 9, sizing_manifest(),
-     "data.workers=0: split 'members' has 8 shards but 9 rank(s) x 1 reader(s) = 9 need one each; "),
     (sizing_cfg(batch=201), 2, sizing_manifest(),
      "train.batch_size=201: 201 members rows per rank x 2 rank(s) is more than the members split holds (400 samples)"),
     (sizing_cfg(external_ratio=13), 2, sizing_manifest(),

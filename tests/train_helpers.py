@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -36,6 +37,31 @@ def run_train(run_dir: Path, data_root: Path, *overrides: str, check: bool = Tru
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def run_quick_audit(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python launch/audit.py`` on ``run_dir`` without the passive head, 20 bootstrap resamples, no loader
+    workers; raise with its output tail when it fails."""
+    cmd = [sys.executable, str(REPO / "launch" / "audit.py"), f"run.dir={run_dir}", "audit.passive.enabled=false",
+           "audit.n_boot=20", "audit.workers=0", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+    if proc.returncode != 0:
+        raise AssertionError(f"audit failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def cli_error(config_name: str, main, argv: list[str], capsys) -> str:
+    """A ``launch/`` CLI run in-process (``run_cli`` with ``main``); it must exit 2 with exactly one ``error:`` line,
+    returned."""
+    from amint_dist.cli import run_cli
+
+    capsys.readouterr()  # only what the CLI prints (not the progress bars of a dataset the test prepared)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(str(REPO / "configs"), config_name, main, argv=argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    return lines[0]
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -76,6 +76,25 @@ def tpr_at_fpr(labels: ArrayLike, scores: ArrayLike, fpr: float) -> float:
     return float(roc_tpr[roc_fpr <= fpr].max())
 
 
+def roc_band(labels: ArrayLike, scores: ArrayLike, grid: ArrayLike, n_boot: int = 200, seed: int = 0,
+             alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise percentile ``1 - alpha`` band of the TPR at each FPR of ``grid`` (the highest TPR whose FPR is
+    at most the grid value, as :func:`tpr_at_fpr`) under a stratified bootstrap (members and non-members
+    resampled separately)."""
+    y, s = _as_arrays(labels, scores)
+    _class_counts(y)
+    grid = np.asarray(grid, dtype=np.float64)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    rng = np.random.default_rng(seed)
+    curves = np.empty((n_boot, grid.size))
+    for b in range(n_boot):
+        take = np.concatenate([rng.choice(pos, pos.size), rng.choice(neg, neg.size)])
+        fpr, tpr, _ = roc_points(y[take], s[take])
+        curves[b] = tpr[np.searchsorted(fpr, grid, side="right") - 1]
+    lo, hi = np.quantile(curves, [alpha / 2, 1 - alpha / 2], axis=0)
+    return lo, hi
+
+
 def accuracy_at(labels: ArrayLike, scores: ArrayLike, threshold: float) -> float:
     """Fraction of samples classified correctly by ``score >= threshold``."""
     y, s = _as_arrays(labels, scores)

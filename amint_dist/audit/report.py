@@ -3,7 +3,8 @@
 report.json (format ``amint-dist-audit/1``; every metric is ``{"value": x, "ci95": [lo, hi]}``,
 null where undefined)::
 
-    format, tool_version, created, audited {run_dir, model {...}, dataset {...}},
+    format, tool_version, created, audited {run_dir (null for a model file), weights_file, model {...,
+        weights_sha256}, dataset {...}, weights {scored: model | ema, file, sha256, ema {decay, warmup}}},
     members_rule, ledger (bool), settings {...}, methods {name: description}, notes [...],
     task {accuracy, split: heldout, n, per_split {split: {value, ci95, n}}},  # Wilson 95% intervals
     scored {split: {n, skipped {reason: n}}}, passive_training [{epoch, loss, ...}],
@@ -20,7 +21,10 @@ null where undefined)::
         n_members, n_nonmembers, n_calibration_members, n_calibration_nonmembers,
         members_excluded_not_consumed, nonmembers_excluded_consumed, balancing_dropped {members, nonmembers},
         thresholds {method: t or null},                        # chosen on the calibration share only
-        fixed_fpr {method: [{fpr, tpr, ci95, false_positives_allowed}]},  # FPR 0 .. 0.1, Clopper-Pearson
+        fixed_fpr {method: [{fpr, threshold, threshold_from (calibration | evaluation), n_threshold_nonmembers,
+                   false_positives_allowed, tpr, ci95, true_positives, n_members, evaluation_fpr,
+                   evaluation_fpr_ci95, false_positives, n_nonmembers, nonmembers_at_fpr}]},
+                                   # FPR 0 .. 0.1; thresholds from the calibration non-members; Clopper-Pearson
         methods {method: {accuracy (heads only), balanced_accuracy, auc,
                           tpr_at_1pct_fpr, tpr_at_0.1pct_fpr}}}},
     files {...}
@@ -43,11 +47,11 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
-from amint_dist.audit.fixed_fpr import fixed_fpr_markdown, fixed_fpr_rows
+from amint_dist.audit.fixed_fpr import fixed_fpr_rows
 from amint_dist.audit.metrics import choose_threshold, evaluate_method
 from amint_dist.audit.plots import plot_rocs, plot_score_histograms, save_figure
 from amint_dist.audit.protocols import ProtocolSamples
-from amint_dist.audit.suspect import suspect_markdown
+from amint_dist.audit.report_md import render_markdown
 from amint_dist.io import atomic_write_bytes, atomic_write_text
 from amint_dist.tb import Monitor
 
@@ -61,7 +65,6 @@ METHOD_DESCRIPTIONS = {
     "entropy": "negative prediction entropy",
     "modified_entropy": "negative modified entropy (Song & Mittal 2021)",
 }
-TABLE_METRICS = {"auc": "AUC", "balanced_accuracy": "bal. acc", "tpr_at_1pct_fpr": "TPR@1%FPR"}
 
 
 def proportion(hits: np.ndarray) -> dict:
@@ -89,7 +92,8 @@ def evaluate_protocol(samples: ProtocolSamples, methods: Sequence[str], n_boot: 
         m: evaluate_method(evaluation["label"], evaluation[m], thresholds[m], m in HEADS, n_boot=n_boot, seed=seed)
         for m in methods
     } if measurable else {}
-    fixed = {m: fixed_fpr_rows(evaluation["label"], evaluation[m]) for m in methods} if measurable else {}
+    fixed = {m: fixed_fpr_rows(evaluation["label"], evaluation[m], calibration_nonmembers=calib[m][calib["label"] == 0])
+             for m in methods} if measurable else {}
     return {"thresholds": thresholds, "methods": metrics, "fixed_fpr": fixed}
 
 
@@ -113,89 +117,6 @@ def scores_arrays(protocols: Sequence[ProtocolSamples]) -> dict[str, np.ndarray]
         out.update({f"{p.name}/{c}": v for c, v in p.evaluation.items()})
         out.update({f"calibration/{p.name}/{c}": v for c, v in p.calibration.items()})
     return out
-
-
-def _cell(metric: dict | None) -> str:
-    if not metric or metric.get("value") is None:
-        return "n/a"
-    lo, hi = metric["ci95"]
-    return f"{metric['value']:.3f} [{lo:.2f}, {hi:.2f}]"
-
-
-def render_markdown(report: Mapping[str, Any]) -> str:
-    """report.md: a headline, one table (method x protocol metric, 95% CIs) and the sample counts."""
-    protocols = report["protocols"]
-    columns = [(p, m) for p in protocols for m in TABLE_METRICS if m != "tpr_at_1pct_fpr" or p == "seen"]
-    methods = list(dict.fromkeys(m for p in protocols.values() for m in p["methods"]))
-    task = report["task"]["accuracy"]
-    lines = [
-        f"# aMINT audit of `{report['audited']['run_dir']}`",
-        "",
-        integrity_line(report.get("integrity") or {}),
-        "",
-        *(f"**{warning}**\n" for warning in report.get("distribution_shift") or []),
-        *(suspect_markdown(report["suspect"]) if report.get("suspect") else []),
-        f"Task accuracy on heldout: **{_cell(task)}** (n={report['task']['n']}). "
-        f"Members: {report['members_rule']}. Thresholds chosen on a "
-        f"{report['settings']['calibration_fraction']:.0%} calibration share (by key hash), never on evaluation "
-        f"samples; 95% intervals from {report['settings']['n_boot']} stratified bootstrap resamples.",
-        "",
-        "| method | " + " | ".join(f"{p} {TABLE_METRICS[m]}" for p, m in columns) + " |",
-        "|---|" + "---|" * len(columns),
-    ]
-    for method in methods:
-        name = f"**{method}**" if method == "amint" else method
-        cells = [_cell(protocols[p]["methods"].get(method, {}).get(m)) for p, m in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    counts = ", ".join(f"{p} {v['n_members']}/{v['n_nonmembers']}" for p, v in protocols.items())
-    lines += ["", f"Evaluation members/non-members: {counts}.", ""]
-    if protocols:
-        name = "seen" if "seen" in protocols else next(iter(protocols))
-        lines += fixed_fpr_markdown(name, protocols[name].get("fixed_fpr") or {})
-    lines += [f"- {note}" for note in report["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-def integrity_line(integrity: Mapping[str, Any]) -> str:
-    """report.md's verdict on the audit trail: verified (with the key's fingerprint), NOT established (and why),
-    or exactly what broke."""
-    status = integrity.get("status", "absent")
-    if status == "verified":
-        return (f"Integrity: **verified** (audit trail of {integrity['entries']} entries, every one signed and checked "
-                f"with {_keys_used(integrity.get('keys') or {})}; checked: {', '.join(integrity['checked'])}).")
-    if status == "broken":
-        return (f"Integrity: **BROKEN** (signature {integrity['signature']}): "
-                + "; ".join(integrity["problems"] or ["signature does not verify"]))
-    return f"Integrity: **NOT established** ({_not_established(integrity)})."
-
-
-def _keys_used(keys: Mapping[str, Any]) -> str:
-    used = [f"Ed25519 public key {keys['ed25519']}"] if keys.get("ed25519") else []
-    return " and ".join(used + (["the HMAC key ($AMINT_AUDIT_KEY)"] if keys.get("hmac") else []))
-
-
-def _not_established(integrity: Mapping[str, Any]) -> str:
-    status = integrity.get("status", "absent")
-    if status == "absent":
-        return integrity.get("note", "no audit trail")
-    if status == "unsigned":
-        return ("unsigned trail: its hash chain and the files match, which catches accidents and naive edits only; "
-                "anyone able to write the run dir could have rewritten both")
-    declared = ", ".join(f"{k} {v}" if isinstance(v, str) else k for k, v in (integrity.get("declared") or {}).items())
-    return f"the trail is signed ({declared}) but no key was given: pass audit.public_key=<the owner's public key>"
-
-
-def integrity_notes(integrity: Mapping[str, Any]) -> list[str]:
-    """Notes for report.json: a broken trail, integrity not established, checkpoints the trail never recorded."""
-    notes = []
-    if integrity.get("status") == "broken":
-        notes.append("INTEGRITY BROKEN: " + "; ".join(integrity["problems"] or ["signature does not verify"]))
-    elif integrity.get("status") != "verified":
-        notes.append(f"integrity NOT established: {_not_established(integrity)}")
-    if integrity.get("unrecorded_checkpoints"):
-        notes.append("checkpoints not in the audit trail (written by an interrupted attempt, never resumed from): "
-                     + ", ".join(integrity["unrecorded_checkpoints"]))
-    return notes
 
 
 def summary_notes(protocols: Mapping[str, dict]) -> list[str]:
@@ -232,7 +153,9 @@ def write_outputs(out_dir: Path, report: dict, protocols: Sequence[ProtocolSampl
     atomic_write_bytes(out_dir / "scores.npz", buffer.getvalue())
     curves = {p.name: {m: (p.evaluation["label"], p.evaluation[m]) for m in report["protocols"][p.name]["methods"]}
               for p in protocols if report["protocols"][p.name]["methods"]}
-    figures = {"roc": plot_rocs(curves, None), "scores": plot_score_histograms(curves, None)} if curves else {}
+    thresholds = {p: report["protocols"][p]["thresholds"] for p in curves}
+    figures = {"roc": plot_rocs(curves, None, thresholds),
+               "scores": plot_score_histograms(curves, None)} if curves else {}
     for name, fig in figures.items():
         save_figure(fig, out_dir / f"{name}.png")
         monitor.figure(f"audit/{name}", fig, 0)

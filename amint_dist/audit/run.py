@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,50 +22,26 @@ from amint_dist.audit.blind import BLIND, add_blind_scores, shift_warnings
 from amint_dist.audit.blind import DESCRIPTION as BLIND_DESCRIPTION
 from amint_dist.audit.config import AuditConfig
 from amint_dist.audit.inputs import AuditInputs, describe, load_inputs
+from amint_dist.audit.model_card import write_model_card
+from amint_dist.audit.model_file import load_file_inputs
 from amint_dist.audit.passive import fresh_head, train_passive
 from amint_dist.audit.power import audit_power
 from amint_dist.audit.references import REFERENCE_METHODS
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
-from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, integrity_notes,
-                                     summary_notes, task_section, write_outputs)
+from amint_dist.audit.reader import SplitReader, process_state
+from amint_dist.audit.report import (METHOD_DESCRIPTIONS, REPORT_FORMAT, evaluate_protocol, summary_notes,
+                                     task_section, write_outputs)
+from amint_dist.audit.report_md import integrity_notes
 from amint_dist.audit.scoring import StackedHeads, gather_split, score_batch, score_split
 from amint_dist.audit.suspect import MEMBER_SPLIT, audit_suspect, reference_scores
 from amint_dist.cli import to_dict
 from amint_dist.data.images import DEFAULT_MAX_PIXELS
-from amint_dist.data.pipeline import ShardedSplitStream, SplitShards
-from amint_dist.data.transforms import data_config_for, make_transform
-from amint_dist.dist import check_world, cpu_only, launched_world, main_process_holds
-from amint_dist.models import AuditableModel, ModelConfig
+from amint_dist.dist import main_process_holds
+from amint_dist.models import AuditableModel
 from amint_dist.provenance import collect as collect_provenance
 from amint_dist.records.signing import Verifier
 from amint_dist.run_dir import RunDirLock
 from amint_dist.tb import Monitor
-
-@dataclass
-class _Reader:
-    """Eval-transform streams of the dataset root for this rank."""
-
-    inputs: AuditInputs
-    model: AuditableModel
-    rank: int
-    world: int
-    workers: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        model = ModelConfig.from_dict(self.inputs.model_config["model"])
-        data_config = self.inputs.model_config.get("data_config") or data_config_for(  # as in training, else timm's
-            self.model.backbone, model.img_size, model.in_chans)
-        self.transform = make_transform(data_config, None)  # eval transform: no augmentation
-        self.image_shape = tuple(data_config["input_size"])
-
-    def stream(self, split: str, batch_size: int, shuffle: bool) -> ShardedSplitStream:
-        shards = SplitShards.from_root(self.inputs.data_root, split)
-        workers = min(self.workers, len(shards.urls) // self.world)  # small splits: fewer loader workers
-        max_pixels = int(self.inputs.manifest.get("max_pixels", DEFAULT_MAX_PIXELS))  # the limit it was prepared with
-        return ShardedSplitStream(shards, self.transform, self.image_shape, batch_size, rank=self.rank,
-                                  world=self.world, workers=workers, seed=self.seed, shuffle=shuffle,
-                                  max_pixels=max_pixels)
 
 
 def audit_config(config_dir: str | Path, run_dir: str | Path) -> dict:
@@ -76,30 +52,35 @@ def audit_config(config_dir: str | Path, run_dir: str | Path) -> dict:
     return to_dict(cfg)
 
 
-def _process_state() -> PartialState:
-    """Rank, world, device and collectives (no Accelerator: nothing is prepared); gloo ranks without CUDA."""
-    state = PartialState(cpu=cpu_only() and launched_world() > 1)
-    check_world(state)
-    return state
-
-
 def run_audit(cfg: Mapping[str, Any]) -> Path:
-    """Audit ``cfg.run.dir`` (optionally against ``cfg.data.root``); return the path of report.md on every rank."""
+    """Audit ``cfg.run.dir`` or ``cfg.audit.model.file`` (optionally against ``cfg.data.root``); return the path
+    of report.md on every rank."""
     run_dir = (cfg.get("run") or {}).get("dir")
-    if not run_dir:
-        raise ValueError("run.dir is required: a training run dir, or a dir with model.safetensors + model_config.json")
     acfg = AuditConfig.from_dict(cfg["audit"])
-    state = _process_state()
-    with main_process_holds(state, lambda: RunDirLock(Path(run_dir), "audit").acquire()):  # one writer per run dir
+    if bool(run_dir) == bool(acfg.model.file):
+        raise ValueError("run.dir=RUN (a training run dir, or a dir with model.safetensors + model_config.json) or "
+                         "audit.model.name=NAME audit.model.file=WEIGHTS: one of the two is required"
+                         if not run_dir else "run.dir and audit.model.file: audit one or the other")
+    if acfg.model.file and acfg.weights != "model":
+        raise ValueError(f"audit.weights={acfg.weights}: a model file is audited as given (audit.weights=model)")
+    state = process_state()
+    held = Path(run_dir) if run_dir else _made(Path(acfg.out_dir))  # one writer per run dir (or output dir)
+    with main_process_holds(state, lambda: RunDirLock(held, "audit").acquire()):
         return _audit(acfg, run_dir, (cfg.get("data") or {}).get("root"), state)
 
 
-def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: PartialState) -> Path:
-    """:func:`run_audit`, its run dir held by rank 0."""
-    inputs = load_inputs(run_dir, data_root, state.process_index, state.num_processes,
-                         gather_object, Verifier.from_env(acfg.public_key))
+def _made(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _audit(acfg: AuditConfig, run_dir: str | None, data_root: str | None, state: PartialState) -> Path:
+    """:func:`run_audit`, its run dir (or output dir) held by rank 0."""
+    load = partial(load_inputs, run_dir, weights=acfg.weights) if run_dir else partial(load_file_inputs, acfg.model)
+    inputs = load(data_root, state.process_index, state.num_processes, gather_object,
+                  Verifier.from_env(acfg.public_key))
     model = inputs.build_model().to(state.device)
-    reader = _Reader(inputs, model, state.process_index, state.num_processes, acfg.workers, acfg.seed)
+    reader = SplitReader(inputs, model, state.process_index, state.num_processes, acfg.workers, acfg.seed)
     autocast = partial(torch.autocast, state.device.type, dtype=torch.bfloat16, enabled=acfg.precision == "bf16")
     scorer, names, history, notes = _mint_heads(inputs, model, acfg, reader, state, autocast)
 
@@ -155,19 +136,21 @@ def _audit(acfg: AuditConfig, run_dir: str, data_root: str | None, state: Partia
         }
         if acfg.suspect:
             report["suspect"] = _suspect(acfg, inputs, reader, scorer, names, scored, state, autocast, out_dir)
-        write_outputs(out_dir, report, samples, Monitor(Path(run_dir), True))
+        write_outputs(out_dir, report, samples, Monitor(Path(run_dir or out_dir), True))
+        if run_dir:
+            write_model_card(Path(run_dir), report)
     state.wait_for_everyone()
     return out_dir / "report.md"
 
 
-def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: AuditConfig, reader: _Reader,
+def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: AuditConfig, reader: SplitReader,
                 state: PartialState, autocast) -> tuple[nn.Module, list[str], list[dict], list[str]]:
     """The scoring model (backbone + every MINT head on one pass), head names, passive training log, notes."""
     if inputs.mint_mode == "off":
         return model, [], [], ["the model has no MINT head (mint.mode=off): no amint or passive scores"]
     notes = ["the model's head was trained passively (mint.mode=passive): 'amint' is a passive head"
-             ] if inputs.mint_mode == "passive" else []
-    heads, names, history = [model.mint_head], ["amint"], []
+             ] if inputs.mint_mode == "passive" and inputs.own_head else []
+    heads, names, history = ([model.mint_head], ["amint"], []) if inputs.own_head else ([], [], [])
     pcfg, counts = acfg.passive, inputs.manifest["counts"]
     if pcfg.enabled and counts["members"] and counts["external"]:
         head = fresh_head(inputs.model_config, acfg.seed)
@@ -181,16 +164,18 @@ def _mint_heads(inputs: AuditInputs, model: AuditableModel, acfg: AuditConfig, r
         names.append("passive")
     elif pcfg.enabled:
         notes.append("passive MINT skipped: the members or external split is empty")
+    if not heads:  # a model file without the passive head: the population baselines only
+        return AuditableModel(model.backbone, None, [], "off"), [], history, notes
     return AuditableModel(model.backbone, StackedHeads(heads), model.taps, "passive"), names, history, notes
 
 
 def _eval_streams(acfg: AuditConfig, state: PartialState, run: AuditInputs, model: AuditableModel):
     """``split -> evaluation stream`` of ``run`` (the audited or a reference run) read for ``model``."""
-    reader = _Reader(run, model, state.process_index, state.num_processes, acfg.workers, acfg.seed)
+    reader = SplitReader(run, model, state.process_index, state.num_processes, acfg.workers, acfg.seed)
     return partial(reader.stream, batch_size=acfg.batch_size, shuffle=False)
 
 
-def _suspect(acfg: AuditConfig, inputs: AuditInputs, reader: _Reader, scorer: nn.Module, names: list[str],
+def _suspect(acfg: AuditConfig, inputs: AuditInputs, reader: SplitReader, scorer: nn.Module, names: list[str],
              scored: dict, state: PartialState, autocast, out_dir: Path) -> dict:
     """The suspect set's report section (scored on rank 0 only)."""
     methods = [*names, *BASELINES]

@@ -34,14 +34,6 @@ REFERENCE_RULE = ("non-member reference: the heldout split's calibration share (
                   "training), never a protocol's evaluation sample; member reference: the members split's "
                   "calibration share (consumed by training)")
 
-HOW_TO_READ = (
-    "How to read this: the protocol table below is *per-sample* evidence (can one image be called a member? "
-    "TPR at 1% FPR may be as low as 0.06); the suspect test is *set-level* evidence: it pools every image, so a "
-    "weak per-sample signal still gives a tiny p-value over a few hundred images (p ~ 1e-57 on a member split). "
-    "A small p-value says the set as a whole scores above known non-members, not which images were used; "
-    "'no evidence' is not proof of non-use (a weak head has little power). The used fraction assumes used "
-    "images score like the members split's calibration share.")
-
 
 @dataclass
 class SuspectFile:
@@ -209,20 +201,26 @@ def _fraction(fraction: dict) -> str:
     return f"{fraction['value']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def suspect_markdown(section: dict) -> list[str]:
-    """report.md's verdict line, the per-method table and how to read per-sample vs set-level evidence."""
+def suspect_verdict(section: dict) -> str:
+    """report.md's first line: the suspect set's verdict, the lead method's p-value and used fraction."""
     lead = section["verdict_method"]
     head = (f"Suspect set `{section['path']}` (n={section['n']}, skipped {sum(section['skipped'].values())}): "
             f"**{section['verdict']}**")
     if lead is None:
-        return [head + " (nothing scored).", ""]
+        return head + " (nothing scored)."
     best = section["methods"][lead]
-    lines = [f"{head} ({lead} one-sided rank test p = {best['p_value']:.2g}, alpha {section['alpha']}; "
-             f"estimated used fraction {_fraction(best['fraction'])}).", "",
+    return (f"{head} ({lead} one-sided rank test p = {best['p_value']:.2g}, alpha {section['alpha']}; "
+            f"estimated used fraction {_fraction(best['fraction'])}).")
+
+
+def suspect_markdown(section: dict) -> list[str]:
+    """report.md's suspect section: the per-method table and the reference it was tested against."""
+    if section["verdict_method"] is None:
+        return []
+    lines = [f"## Suspect set `{section['path']}`", "",
              "| method | p-value (suspect > non-members) | AUC vs non-members | used fraction [95% CI] |",
              "|---|---|---|---|"]
     lines += [f"| {m} | {r['p_value']:.2g} | {r['auc']:.3f} | {_fraction(r['fraction'])} |"
               for m, r in section["methods"].items()]
     return lines + ["", f"Reference: {section['reference']} ({section['n_reference_nonmembers']} non-members, "
-                    f"{section['n_reference_members']} members).", "", HOW_TO_READ, ""]
-
+                    f"{section['n_reference_members']} members).", ""]

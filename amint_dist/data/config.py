@@ -24,6 +24,8 @@ class SubsetConfig(Config):
     seed: int | None = option(None, lo=0, help="the reference run's subset seed (one per run); null: no subset")
 
     def __post_init__(self) -> None:
+        if "validation" in self.pool:
+            raise self.error("pool", "validation is the tuning share: neither training nor the audit may read it")
         bad = [s for s in self.pool if s not in POOL_SPLITS]
         if bad or "members" not in self.pool or len(set(self.pool)) != len(self.pool):
             raise self.error("pool", f"expected distinct splits of {list(POOL_SPLITS)}, members among them")
@@ -32,7 +34,9 @@ class SubsetConfig(Config):
         return SubsetRule(self.seed, self.fraction)
 
 
-FRACTIONS = {"members": 0.40, "probe": 0.10, "external": 0.25, "heldout": 0.25}
+# validation: carved from the end of heldout's hash range, so members, probe and external (all training reads)
+# are the same samples as with the former {heldout: 0.25}; only the audit's non-member pool is smaller
+FRACTIONS = {"members": 0.40, "probe": 0.10, "external": 0.25, "heldout": 0.15, "validation": 0.10}
 
 
 @dataclass
@@ -43,7 +47,7 @@ class DataConfig(Config):
     root: str = option("data/digits", help="the dataset root (prepared WebDataset shards + splits.json)")
     source: str | None = option(None, help="imagefolder: the class-per-folder tree; wds: the shard pattern")
     seed: int = option(0, lo=0, help="seed of the key-hash member/non-member split")
-    fractions: dict = option(FRACTIONS, help="split -> fraction (members, probe, external, heldout), summing to 1")
+    fractions: dict = option(FRACTIONS, help="split -> fraction (members, probe, external, heldout, validation), summing to 1")
     image_field: str = option("jpg", help="wds: image field(s), ';'-separated, the first present is used")
     label_field: str = option("cls", help="wds: label field")
     num_classes: int | None = option(None, lo=1, help="wds: labels outside [0, num_classes) are refused; null: inferred")

@@ -1,14 +1,15 @@
 """Streaming reader: one split of a dataset root as deterministic, rank- and worker-sharded batches.
 
-Per epoch the shard list is permuted from (seed, epoch) identically on every rank, then split by
-node (rank) and by DataLoader worker; every (rank, worker) "reader" yields exactly the same
-number of batches, so DDP ranks never wait on each other. Short readers are padded with rows
-marked ``valid == False``: padding never counts as exposure and carries no loss. Undecodable
-samples and shards that end early are skipped, counted by reason and reported in the batch
-(an undecodable sample leaves an invalid row in place, so batch composition never depends on
-decoding). Augmentation randomness is seeded per batch from (seed, epoch, reader, batch), so a
-resumed epoch (``set_epoch(e, start_batch)``) reads but does not decode the batches it skips and
-still yields exactly the batches, images included, of an uninterrupted run.
+Per epoch the shards are permuted from (seed, epoch) identically on every rank and laid end to end; every
+rank reads an equal contiguous range of that sample sequence, cut among its DataLoader workers ("readers")
+batch by batch (``amint_dist.data.assignment``): every sample exactly once per epoch, every rank the same
+number of batches (DDP ranks never wait on each other), padding only where a rank's range ends (rows
+marked ``valid == False``: padding never counts as exposure and carries no loss). Undecodable samples and
+shards that end early are skipped, counted by reason and reported in the batch (an undecodable sample
+leaves an invalid row in place, so batch composition never depends on decoding). Augmentation randomness
+is seeded per batch from (seed, epoch, reader, batch), so a resumed epoch (``set_epoch(e, start_batch)``)
+reads but does not decode the batches it skips and still yields exactly the batches, images included, of
+an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import math
 import random
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,9 +28,12 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from amint_dist.data.assignment import (Piece, epoch_shard_order, rank_batches, reader_batches, reader_span,
+                                        shard_pieces)
 from amint_dist.data.images import DEFAULT_MAX_PIXELS
 from amint_dist.data.samples import SkipLog, decode_sample, seeded_rng
 from amint_dist.data.subset import SubsetRule
+from amint_dist.data.tar_seek import samples_from
 from amint_dist.io import read_json
 
 log = logging.getLogger(__name__)
@@ -91,18 +95,6 @@ class SplitShards:
         return keys if len(keys) == len(indices) else None
 
 
-def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
-    """Permutation of shard ids for an epoch: identical on every rank and machine."""
-    order = list(range(num_shards))
-    random.Random(f"amint:{seed}:{epoch}").shuffle(order)
-    return order
-
-
-def reader_shards(order: list[int], rank: int, world: int, worker: int, workers: int) -> list[int]:
-    """Shards of one reader: split by node first, then by worker (disjoint, covering all)."""
-    return order[rank::world][worker::workers]
-
-
 class ShardedSplitStream(IterableDataset):
     """Batches of one split for one rank; use with ``DataLoader(batch_size=None, num_workers=workers)``."""
 
@@ -124,12 +116,6 @@ class ShardedSplitStream(IterableDataset):
     ):
         """``num_classes``: labels outside [0, num_classes) are skipped ("label out of range"); ``max_pixels``
         (``data.max_pixels``): larger images are skipped before decoding ("image too large")."""
-        readers = world * max(1, workers)
-        if len(shards.urls) < readers:
-            raise ValueError(
-                f"split {shards.split!r} has {len(shards.urls)} shards but {world} ranks x {max(1, workers)} readers "
-                f"= {readers} readers need one each; re-prepare with a smaller data.shard_maxcount or use fewer workers"
-            )
         if batch_size < 1:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         self.shards, self.transform, self.image_shape = shards, transform, image_shape
@@ -139,69 +125,46 @@ class ShardedSplitStream(IterableDataset):
         self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
         self.num_classes, self.max_pixels = num_classes, max_pixels
         self.epoch, self.start_batch = 0, 0  # set_epoch's; worker processes get them when a loader starts them
-        self._batches_per_reader: dict[int, int] = {}  # epoch -> batches_per_reader
         self.endless = False  # True (make_loader(endless=True)): after the selected epoch, the next ones, unasked
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch; ``start_batch`` batches of it (already consumed on this rank) are skipped."""
         self.epoch, self.start_batch = epoch, start_batch
 
-    def batches_per_reader(self, epoch: int | None = None) -> int:
-        """Batches every reader yields this epoch: enough for the fullest reader of any rank (computed once per
-        epoch: the training loop asks every micro-step)."""
-        epoch = self.epoch if epoch is None else epoch
-        if epoch not in self._batches_per_reader:
-            order = epoch_shard_order(len(self.shards.urls), self.seed, epoch)
-            fullest = max(
-                sum(self.shards.read_lengths[i] for i in reader_shards(order, r, self.world, w, self.readers))
-                for r in range(self.world)
-                for w in range(self.readers)
-            )
-            self._batches_per_reader[epoch] = math.ceil(fullest / self.batch_size)
-        return self._batches_per_reader[epoch]
-
     def __len__(self) -> int:
-        """Batches this rank yields per epoch (the same on every rank)."""
-        return self.batches_per_reader() * self.readers
+        """Batches this rank yields per epoch (the same on every rank and in every epoch)."""
+        return rank_batches(sum(self.shards.read_lengths), self.world, self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         if (info.num_workers if info else 0) != self.workers:
             raise RuntimeError(f"stream built for {self.workers} workers but DataLoader has {info.num_workers if info else 0}")
-        # The DataLoader takes batches round-robin from its workers, starting at worker 0. Global batch g
-        # of the epoch comes from reader g % readers; on resume the first batch due is start_batch, so
-        # DataLoader worker w plays reader (w + start_batch) % readers. An endless stream keeps that in the
-        # epochs that follow: each holds readers x batches_per_reader batches, so the round robin is at the
-        # same worker again when the next epoch begins.
-        epoch, start = self.epoch, self.start_batch
-        worker = ((info.id if info else 0) + start) % self.readers
+        # The DataLoader takes batches round-robin from its workers, starting at worker 0, and the rank's batch
+        # g of an epoch is due from its reader g % readers. The iterator's first batch is batch start_batch of
+        # the selected epoch, and an endless stream's next epoch begins len(self) batches of that epoch later:
+        # DataLoader worker w plays reader (w + shift) % readers, shift = start_batch - the batches before.
+        epoch, start, shift = self.epoch, self.start_batch, self.start_batch
+        worker = info.id if info else 0
         while True:
-            yield from self._epoch_batches(epoch, start, worker)
-            if not self.endless:
+            reader = (worker + shift) % self.readers
+            yield from self._epoch_batches(epoch, reader, len(range(reader, start, self.readers)))
+            if not self.endless or not len(self):
                 return
-            epoch, start = epoch + 1, 0
+            epoch, start, shift = epoch + 1, 0, shift - len(self)
 
-    def _epoch_batches(self, epoch: int, start_batch: int, worker: int) -> Iterator[dict]:
-        """Reader ``worker``'s batches of ``epoch``, those of the first ``start_batch`` of the rank read, not decoded."""
-        reader = self.rank * self.readers + worker
-        reader_seed = f"amint:{self.seed}:{epoch}:{reader}"
+    def _epoch_batches(self, epoch: int, reader: int, consumed: int) -> Iterator[dict]:
+        """Reader ``reader``'s batches of ``epoch``, its first ``consumed`` read, not decoded."""
+        reader_seed = f"amint:{self.seed}:{epoch}:{self.rank * self.readers + reader}"
+        read = sum(self.shards.read_lengths)  # with a subset: the samples it keeps
+        span = reader_span(read, self.rank, self.world, reader, self.readers, self.batch_size)
         order = epoch_shard_order(len(self.shards.urls), self.seed, epoch)
-        mine = [self.shards.urls[i] for i in reader_shards(order, self.rank, self.world, worker, self.readers)]
         skips = SkipLog()
-        stages = [
-            wds.SimpleShardList(mine),
-            wds.tarfile_to_samples(handler=skips.tar_error),
-            _count_per_shard(skips, self.shards, mine),
-        ]
-        if self.shards.subset is not None:  # unselected samples are dropped before decoding
-            stages.append(wds.select(functools.partial(_selected, self.shards.subset)))
+        samples = _piece_samples(self.shards, shard_pieces(self.shards.read_lengths, order, span), skips)
         if self.shuffle:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(reader_seed)))
-        samples = iter(wds.DataPipeline(*stages))
-        first = (start_batch - worker + self.readers - 1) // self.readers  # this reader's batches already consumed
-        for b in range(self.batches_per_reader(epoch)):
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(reader_seed))(samples)
+        for b in range(reader_batches(len(self), reader, self.readers)):
             raw = list(itertools.islice(samples, self.batch_size))
-            if b < first:
+            if b < consumed:
                 skips.drain()  # reported when the batch was first delivered
                 continue
             with seeded_rng(f"{reader_seed}:{b}"):
@@ -230,39 +193,33 @@ def _selected(subset: SubsetRule, sample: dict) -> bool:
     return not isinstance(key, str) or subset.keeps(key)
 
 
-def _count_per_shard(skips: SkipLog, shards: SplitShards, urls: list[str]):
-    """Pipeline stage: after each shard, skip (by key, from keys.txt) the samples it should have held but did
-    not deliver; the shard's path stands in for each when keys.txt is unreadable."""
-
-    def shortfall(url: str, seen: set[str]) -> None:
-        if len(seen) >= len(shards.index_ranges[url]):
-            return  # complete: keys.txt is read only for a shard that came up short
+def _piece_samples(shards: SplitShards, pieces: list[Piece], skips: SkipLog) -> Iterator[dict]:
+    """The raw samples of ``pieces`` in order: each shard opened at the piece's first sample (the headers before
+    it read, nothing decoded) and closed where the piece ends. A piece counts the samples read (with a subset:
+    those it keeps, ``read_positions`` mapping it onto the shard, the others dropped undecoded). The samples of a
+    piece its shard did not deliver are skipped by key (from keys.txt; the shard's path stands in for each when
+    keys.txt is unreadable)."""
+    positions, subset = shards.read_positions, shards.subset
+    for piece in pieces:
+        url = shards.urls[piece.shard]
+        first, end = (piece.start, piece.stop) if positions is None else (
+            positions[piece.shard][piece.start], positions[piece.shard][piece.stop - 1] + 1)
+        seen = set()
+        with closing(samples_from(url, first, skips.tar_error)) as tar:
+            for sample in itertools.islice(tar, end - first):
+                if subset is None or _selected(subset, sample):
+                    seen.add(sample.get("__key__"))
+                    yield sample
+        missing = piece.stop - piece.start - len(seen)
+        if missing <= 0:
+            continue  # complete: keys.txt is read only for a piece that came up short
         expected = shards.shard_keys(url)
         if expected is None:
-            n = len(shards.index_ranges[url]) - len(seen)
-            if n > 0:
-                skips.add(url, "truncated or unreadable shard", n)
-            return
-        for key in expected:
-            if key not in seen:
+            skips.add(url, "truncated or unreadable shard", missing)
+            continue
+        for key in expected[first:end]:
+            if key not in seen and (subset is None or subset.keeps(key)):
                 skips.add(key, "truncated or unreadable shard")
-
-    def stage(samples: Iterator[dict]) -> Iterator[dict]:
-        pending = list(urls)
-        current, seen = None, set()
-        for sample in samples:
-            url = sample.get("__url__")
-            if url != current:
-                if current in pending:
-                    pending.remove(current)
-                    shortfall(current, seen)
-                current, seen = url, set()
-            seen.add(sample.get("__key__"))
-            yield sample
-        for url in pending:
-            shortfall(url, seen if url == current else set())
-
-    return stage
 
 
 ROW_FIELDS = ("label", "index", "valid")  # a batch's small per-row tensors
@@ -297,7 +254,7 @@ def make_loader(stream: ShardedSplitStream, pin_memory: bool = False, endless: b
     read ahead across epoch ends, so the next epoch's first batches (shard opening, shuffle-buffer fill) are
     ready when the consumer gets there, and no worker is started twice (its one iterator never ends: training's
     way, docs/performance.md).
-    The consumer counts epochs: ``batches_per_reader(e) * readers`` each.
+    The consumer counts epochs: ``len(stream)`` batches each.
     """
     stream.endless = endless
     return _Loader(

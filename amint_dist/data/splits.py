@@ -6,10 +6,11 @@ import hashlib
 import math
 from collections.abc import Mapping
 
-SPLITS: tuple[str, ...] = ("members", "probe", "external", "heldout")
+SPLITS: tuple[str, ...] = ("members", "probe", "external", "heldout", "validation")
+TRAINING_SPLITS: tuple[str, ...] = ("members", "probe", "external")  # what training reads; the rest it never touches
 HASH_RULE = (
     "u = int.from_bytes(sha256(f'{seed}:{key}'.encode())[:8], 'big') / 2**64; "
-    "split = first of (members, probe, external, heldout) whose cumulative fraction exceeds u; "
+    "split = first of (members, probe, external, heldout, validation) whose cumulative fraction exceeds u; "
     "within a split, samples are indexed in increasing (u, key) order"
 )
 

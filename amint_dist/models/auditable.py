@@ -1,21 +1,19 @@
 """AuditableModel: a timm classifier and its MINT head as one module (one DeepSpeed engine)."""
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
-from typing import TypeVar
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
 
-import timm
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import Tensor, nn
 
+from .backbone import config_error
 from .config import MintConfig, ModelConfig
 from .heads import build_head
+from .init_weights import build_backbone
 from .taps import resolve_taps
 
 MODES = ("active", "passive", "off")
-_SET_BY_US = {"pretrained", "num_classes", "in_chans", "img_size"}
-T = TypeVar("T")
 
 
 class AuditableModel(nn.Module):
@@ -33,6 +31,7 @@ class AuditableModel(nn.Module):
         self.mint_head = mint_head
         self.taps = list(taps)
         self.mode = mode
+        self.record: dict | None = None  # the model and mint configs it was built from (build_auditable_model)
         # ViT-like backbones hand token heads their tokens, prefix (cls/register) tokens included
         wants_tokens = getattr(mint_head, "input_fmt", "NCHW") == "NLC"
         self._tap_kwargs = (
@@ -69,10 +68,10 @@ class AuditableModel(nn.Module):
         try:
             with torch.no_grad():
                 if self.mint_head is None:
-                    _config_error("model.*", backbone_fails, lambda: self.backbone(x))
+                    config_error("model.*", backbone_fails, lambda: self.backbone(x))
                 else:
-                    _, taps = _config_error("model.*", backbone_fails, lambda: self._backbone_with_taps(x))
-                    _config_error("mint.head", "the MINT head fails on the backbone's taps",
+                    _, taps = config_error("model.*", backbone_fails, lambda: self._backbone_with_taps(x))
+                    config_error("mint.head", "the MINT head fails on the backbone's taps",
                                   lambda: self.mint_head(taps))
         finally:
             self.train(was_training)
@@ -104,53 +103,33 @@ def _join_prefix(tap: Tensor | tuple[Tensor, Tensor]) -> Tensor:
     return tap
 
 
-def _config_error(where: str, what: str, call: Callable[[], T]) -> T:
-    """``call()``; whatever it raises (timm's assertions, torch's shape errors) becomes one ValueError naming
-    the config keys ``where`` and the error's first line."""
-    try:
-        return call()
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"{where}: {what}: {type(e).__name__}: {first}") from e
-
-
-def create_backbone(
-    name: str, num_classes: int, img_size: int, in_chans: int = 3, kwargs: Mapping | None = None
-) -> nn.Module:
-    """timm classifier, never pretrained; `img_size` is passed only to fixed-input-size models (ViTs)."""
-    if not timm.is_model(name):
-        raise ValueError(f"model.name: unknown timm model {name!r}")
-    kwargs = dict(kwargs or {})
-    clash = sorted(_SET_BY_US & set(kwargs))
-    if clash:
-        raise ValueError(f"model.kwargs: {', '.join(clash)} not allowed here (set at model level or fixed)")
-    where = f"model.name={name!r}, model.kwargs={kwargs}"
-    pretrained_cfg = timm.models.get_pretrained_cfg(name)
-    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
-        kwargs["img_size"] = img_size
-    return _config_error(where, "timm cannot build it", lambda: timm.create_model(
-        name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs))
-
-
 def build_auditable_model(model_cfg: ModelConfig, mint_cfg: MintConfig) -> AuditableModel:
-    """AuditableModel from the typed ``model`` and ``mint`` configs (``model.num_classes`` resolved)."""
+    """AuditableModel from the typed ``model`` and ``mint`` configs (``model.num_classes`` resolved); its
+    ``record`` holds the two as ``model_config.json`` keeps them."""
+    model = _build(model_cfg, mint_cfg)
+    model.record = {"model": asdict(model_cfg), "mint": mint_cfg.model_record()}
+    return model
+
+
+def _build(model_cfg: ModelConfig, mint_cfg: MintConfig) -> AuditableModel:
     if model_cfg.num_classes is None:
         raise ValueError("model.num_classes=None: set it, or let training take it from the dataset root")
-    backbone = create_backbone(model_cfg.name, model_cfg.num_classes, model_cfg.img_size, model_cfg.in_chans,
-                               model_cfg.kwargs)
+    backbone = build_backbone(model_cfg)
     if not mint_cfg.on:
         return AuditableModel(backbone, None, [], mint_cfg.mode)
     head_cfg = mint_cfg.head.record()
     taps = resolve_taps(backbone, mint_cfg.taps)
     in_chs = [backbone.feature_info[i]["num_chs"] for i in taps]
     kind = head_cfg.pop("kind")
-    head = _config_error(f"mint.head={mint_cfg.head.record()}", "cannot be built", lambda: build_head(
+    head = config_error(f"mint.head={mint_cfg.head.record()}", "cannot be built", lambda: build_head(
         kind, in_chs, num_prefix_tokens=getattr(backbone, "num_prefix_tokens", 0), **head_cfg))
     return AuditableModel(backbone, head, taps, mint_cfg.mode)
 
 
 def model_from_record(record: Mapping, mode: str | None = None) -> AuditableModel:
     """The model a ``model_config.json`` describes (its ``model`` and ``mint`` sections), ``mode`` replacing the
-    recorded MINT mode when given."""
+    recorded MINT mode when given; randomly initialised (its weights are loaded next: no pretrained file or
+    checkpoint is read, nor needed)."""
     mint = MintConfig.from_dict(record["mint"])
-    return build_auditable_model(ModelConfig.from_dict(record["model"]), replace(mint, mode=mode) if mode else mint)
+    model = ModelConfig.from_dict(record["model"]).architecture()
+    return build_auditable_model(model, replace(mint, mode=mode) if mode else mint)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from amint_dist.config import Config, option
@@ -14,11 +14,28 @@ MODEL_MINT_KEYS = ("mode", "taps", "head")  # the mint keys that define the mode
 class ModelConfig(Config):
     section = "model"
 
-    name: str = option(help="any timm model name (never pretrained)")
+    name: str = option(help="any timm model name")
     img_size: int = option(lo=1, help="input height and width in pixels")
     in_chans: Literal[1, 3] = option(3, help="input channels: 3 (RGB) or 1 (grayscale, images converted to L)")
     num_classes: int | None = option(None, lo=1, help="task classes; null: from the dataset's splits.json")
     kwargs: dict = option({}, help="further timm.create_model arguments (patch_size, depth, drop_path_rate, ...)")
+    pretrained: bool = option(False, help="start from pretrained weights through timm's loader (classifier "
+                              "re-initialised when num_classes differs, in_chans adapted): model.pretrained_file, "
+                              "else timm's file already in the local Hugging Face cache (never downloaded)")
+    pretrained_file: str | None = option(None, help="local weights for model.pretrained (safetensors, or a torch "
+                                         "file read weights-only)")
+    checkpoint: str | None = option(None, help="start from the weights of a timm model of this very architecture "
+                                    "and num_classes, loaded strictly (e.g. a file written by launch/export.py)")
+
+    def __post_init__(self) -> None:
+        if self.pretrained_file is not None and not self.pretrained:
+            raise self.error("pretrained_file", "set model.pretrained=true to load it (or drop the file)")
+        if self.pretrained and self.checkpoint is not None:
+            raise self.error("checkpoint", "choose one starting point: model.pretrained or model.checkpoint")
+
+    def architecture(self) -> ModelConfig:
+        """This model, randomly initialised (no pretrained file or checkpoint): what saved weights load into."""
+        return replace(self, pretrained=False, pretrained_file=None, checkpoint=None)
 
 
 @dataclass
@@ -50,10 +67,19 @@ class MintConfig(Config):
     member_shift: int = option(0, lo=0, help="> 0: members shifted by up to this many pixels are extra MINT negatives")
     external_shift: int = option(0, lo=0, help="> 0: the same for external samples")
     member_weight: float = option(1.0, lo=0, lo_open=True, help="weight of member rows in the MINT BCE")
+    balancer: Literal["fixed", "famo"] = option(
+        "fixed", help="fixed: task_weight and weight | famo: FAMO's adaptive weights, starting from them")
+    famo_lr: float = option(0.025, lo=0, lo_open=True, help="learning rate of FAMO's task-weight logits (Adam)")
+    famo_weight_decay: float = option(1e-3, lo=0, help="weight decay of FAMO's task-weight logits (gamma)")
 
     def __post_init__(self) -> None:
         if self.mode != "off" and (self.taps is None or self.head is None):
             raise self.error("mode", "needs both 'taps' and 'head'")
+        if self.balancer == "famo" and self.mode == "off":
+            raise self.error("balancer", "balances two losses; mint.mode=off trains the task alone (use fixed)")
+        if self.balancer == "famo" and not (self.task_weight and self.weight):
+            raise self.error("balancer", f"FAMO starts from z = (task_weight, weight) normalised: both must be > 0 "
+                                         f"(mint.task_weight={self.task_weight}, mint.weight={self.weight})")
 
     def model_record(self) -> dict[str, Any]:
         """The mint keys that define the model (``MODEL_MINT_KEYS``), as model_config.json records them."""

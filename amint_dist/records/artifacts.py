@@ -14,6 +14,12 @@ from typing import Any
 from amint_dist.io import sha256_file
 from amint_dist.models.config import MODEL_MINT_KEYS
 
+EMA_WEIGHTS = "model_ema.safetensors"  # a run's EMA weights (train.ema), keyed like model.safetensors
+RUN_WEIGHTS = {  # audit.weights / export.weights -> (file in the run dir, model_config.json key of its sha256)
+    "model": ("model.safetensors", "weights_sha256"),
+    "ema": (EMA_WEIGHTS, "ema_weights_sha256"),
+}
+
 
 class TamperedError(ValueError):
     """A file's content does not match the hash or config it was recorded with."""
@@ -55,15 +61,16 @@ def raise_first(problems: Sequence[str]) -> None:
         raise TamperedError(problems[0] + more)
 
 
-def verify_weights(weights: Path, model_config: Mapping[str, Any], actual: str | None = None) -> None:
+def verify_weights(weights: Path, model_config: Mapping[str, Any], actual: str | None = None,
+                   record: str = "weights_sha256") -> None:
     """``model.safetensors`` (sha256 ``actual`` when already known) must hash to the ``weights_sha256``
-    recorded next to it."""
-    expected = model_config.get("weights_sha256")
+    recorded next to it (``model_ema.safetensors``: ``record="ema_weights_sha256"``)."""
+    expected = model_config.get(record)
     if not expected:
-        raise ValueError(f"{weights.parent / 'model_config.json'} records no weights_sha256 "
+        raise ValueError(f"{weights.parent / 'model_config.json'} records no {record} "
                          f"(add the sha256 of {weights.name} to audit a model trained elsewhere)")
     if (actual or sha256_file(weights)) != expected:
-        raise TamperedError(f"{weights} does not match model_config.json weights_sha256 "
+        raise TamperedError(f"{weights} does not match model_config.json {record} "
                             "(another run's checkpoint, or modified weights): refusing to audit")
 
 

@@ -19,9 +19,9 @@ class ExposureLedger:
     def __init__(self, sizes: Mapping[str, int]):
         self.counts = {split: np.zeros(n, dtype=np.int32) for split, n in sizes.items()}
 
-    def record(self, split: str, indices: torch.Tensor, valid: torch.Tensor) -> None:
-        """Count the valid rows of a batch (padding and skipped samples never count)."""
-        idx = indices[valid].numpy()
+    def record(self, split: str, indices: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Count the valid rows of a batch (padding and skipped samples never count; all rows without ``valid``)."""
+        idx = (indices if valid is None else indices[valid]).numpy()
         np.add.at(self.counts[split], idx, 1)
 
     def digest(self) -> str:

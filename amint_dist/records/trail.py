@@ -161,9 +161,15 @@ class AuditTrail:
             atomic_append_line(self.path, line)
         return entry
 
-    def start(self, config_path: Path, world_size: int) -> dict:
+    def start(self, config_path: Path, world_size: int, **fields: Any) -> dict:
+        """A new chain whose first entry records ``config_path``'s sha256 and the signing keys (and ``fields``)."""
         return self.append("start", fresh=True, config_sha256=sha256_file(config_path), world_size=world_size,
-                           tool_version=__version__, signing=self.signer.declaration())
+                           tool_version=__version__, signing=self.signer.declaration(), **fields)
+
+    def start_entry(self) -> dict:
+        """The chain's first entry as written ({} when there is none)."""
+        entries = read_chain(self.path, Verifier()).entries if self.path.is_file() else []
+        return entries[0] if entries and entries[0].get("kind") == "start" else {}
 
 
 def splits_problems(chain: Chain, splits_sha256: str) -> list[str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from amint_dist.io import sha256_file
+from amint_dist.records.artifacts import EMA_WEIGHTS
 from amint_dist.records.ledger import ExposureLedger
 from amint_dist.records.signing import Verifier
 from amint_dist.records.trail import TRAIL_NAME, Chain, config_problems, read_chain, splits_problems
@@ -96,6 +97,7 @@ def verify_run(run_dir: Path, splits_sha256: str, verifier: Verifier, weights_sh
     else:
         problems += _final_problems(run_dir, chain, final, weights_sha256)
         checked += ["ledger.npz digest", "model.safetensors sha256", "model_config.json sha256"]
+        checked += [f"{EMA_WEIGHTS} sha256"] if final.get("ema_weights_sha256") else []
     if problems or chain.signature == "broken":
         status = "broken"
     else:
@@ -143,6 +145,10 @@ def _final_problems(run_dir: Path, chain: Chain, final: dict, weights_sha256: st
         problems.append("ledger.npz does not match the trail's final entry (exposure counts changed)")
     if (weights_sha256 or (sha256_file(weights) if weights.is_file() else None)) != final.get("weights_sha256"):
         problems.append("model.safetensors does not match the weights sha256 in the trail's final entry")
+    ema, ema_sha256 = run_dir / EMA_WEIGHTS, final.get("ema_weights_sha256")
+    if (ema_sha256 or ema.is_file()) and (sha256_file(ema) if ema.is_file() else None) != ema_sha256:
+        problems.append(f"{EMA_WEIGHTS} does not match the EMA weights sha256 in the trail's final entry"
+                        if ema_sha256 else f"{EMA_WEIGHTS} is not recorded in the trail's final entry")
     config = run_dir / "model_config.json"  # the model and MINT settings the audit rebuilds the model from
     if (sha256_file(config) if config.is_file() else None) != final.get("model_config_sha256"):
         problems.append("model_config.json does not match the trail's final entry (model or MINT settings changed)")

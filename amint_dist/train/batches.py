@@ -23,7 +23,7 @@ class CyclingBatches:
         return [self.epoch, self.position]
 
     def _epoch_length(self) -> int:
-        return self.stream.batches_per_reader(self.epoch) * self.stream.readers
+        return len(self.stream)
 
     def next(self) -> dict:
         if self._batches is None:

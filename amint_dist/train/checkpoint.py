@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from amint_dist.dist import check_ranks_agree
-from amint_dist.io import atomic_write_json, atomic_write_text, fsync_dir, read_json
+from amint_dist.io import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, read_json
 from amint_dist.records.pickles import unsafe_pickle_problems
 from amint_dist.records.trail import AuditTrail, TrailError
 from amint_dist.records.verification import (checkpoint_file_problems, checkpoint_ledger_digest, hash_files,
@@ -37,15 +39,17 @@ def checkpoint_root(run_dir: Path) -> Path:
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, ledger: ExposureLedger,
                     keep_last: int, model=None, trail: AuditTrail | None = None,
-                    rank_state: dict | None = None) -> Path:
+                    rank_state: dict | None = None, agree: Mapping[str, Any] | None = None,
+                    files: Mapping[str, Callable[[], bytes]] | None = None) -> Path:
     """Save on every rank (DeepSpeed needs it); the checkpoint counts only once ``latest`` names it.
 
-    With ``model``, every rank's parameter checksum is gathered into ``distributed.json`` (world, engine,
-    hosts) and a checkpoint of diverged ranks is refused. ``rank_state`` (JSON) is saved per rank; ``trail``
-    (rank 0) records the checkpoint's files and ledger digest.
+    With ``model``, every rank's parameter checksum (and its ``agree`` values) is gathered into
+    ``distributed.json`` (world, engine, hosts) and a checkpoint of diverged ranks is refused. ``rank_state``
+    (JSON) is saved per rank; ``files`` (name -> its bytes) are written by rank 0; ``trail`` (rank 0) records
+    the checkpoint's files and ledger digest.
     """
     root = checkpoint_root(run_dir)
-    agreement = check_ranks_agree(accelerator, model) if model is not None else None  # a collective
+    agreement = check_ranks_agree(accelerator, model, agree) if model is not None else None  # a collective
     name = [_free_name(root, state.step) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(name, from_process=0)
@@ -64,6 +68,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainState, 
         if agreement is not None:
             atomic_write_json(tmp / "distributed.json", {"step": state.step, **agreement})
         atomic_write_json(tmp / "train_state.json", state.to_dict())
+        for name, content in (files or {}).items():
+            atomic_write_bytes(tmp / name, content())
     accelerator.wait_for_everyone()
     names = relative_files(tmp)  # every rank fsyncs and hashes its share of the files
     share = hash_files(tmp, names[rank::accelerator.num_processes], fsync=True)

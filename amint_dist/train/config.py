@@ -24,6 +24,20 @@ class OptimConfig(Config):
 
 
 @dataclass
+class EmaConfig(Config):
+    section = "train.ema"
+
+    decay: float | None = option(None, lo=0, hi=1, hi_open=True,
+                                 help="EMA of the whole model's weights (timm ModelEmaV3) with this decay; 0 or null: off")
+    warmup: bool = option(False, help="timm's EMA decay warm-up (use_warmup): the decay grows towards train.ema.decay")
+    device: Literal["model", "cpu"] = option("model", help="where the EMA weights live: the model's device | cpu")
+
+    @property
+    def on(self) -> bool:
+        return bool(self.decay)
+
+
+@dataclass
 class TrainConfig(Config):
     section = "train"
 
@@ -49,6 +63,7 @@ class TrainConfig(Config):
     exposure_log: bool = option(False, help="per-rank trace of every consumed sample in RUN/exposure_log")
     dist_timeout_s: int = option(
         1800, lo=1, help="seconds a collective may wait before the process group (NCCL, gloo) fails the run")
+    ema: EmaConfig = option(EmaConfig(), help="EMA weights (train.ema.*)")
 
     def __post_init__(self) -> None:
         if self.mixup or self.cutmix:  # a blended member is no sample the ledger or the audit can name
@@ -62,6 +77,7 @@ class RunConfig(Config):
 
     dir: str | None = option(None, help="the run dir; default runs/<SLURM_JOB_ID or time stamp chosen on rank 0>")
     audit: bool = option(True, help="audit the finished model (configs/audit.yaml's defaults)")
+    validate: bool = option(False, help="score the finished model on the validation share (RUN/validation.json)")
 
 
 @dataclass

@@ -19,6 +19,8 @@ from amint_dist.data.transforms import data_config_for
 from amint_dist.dist import main_process_holds, reduce_sum, shared_run_dir
 from amint_dist.io import atomic_write_text, sha256_file
 from amint_dist.models import AuditableModel, ModelConfig, build_auditable_model
+from amint_dist.models.init_weights import init_record
+from amint_dist.records.artifacts import EMA_WEIGHTS
 from amint_dist.records.ledger import ExposureLedger
 from amint_dist.records.signing import Signer
 from amint_dist.records.trail import AuditTrail
@@ -29,6 +31,7 @@ from amint_dist.train.accelerator import make_accelerator, resolve_precision
 from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.checkpoint import clean_partials, latest_checkpoint, load_checkpoint
 from amint_dist.train.config import JobConfig
+from amint_dist.train.ema import make_ema, refuse_ema_under_zero3
 from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.exposure_trace import ExposureTrace
 from amint_dist.train.optim import make_optimizer
@@ -53,12 +56,13 @@ def train(cfg: Mapping[str, Any]) -> Path:
     with ExitStack() as held:
         accelerator = make_accelerator(config.train, config.optim)
         _refuse_compile_under_zero3(config, accelerator)
+        refuse_ema_under_zero3(config.train.ema, accelerator)
         set_seed(config.train.seed)
         run_dir = shared_run_dir(accelerator, config.run.dir)
         manifest = ensure_dataset(config.data, accelerator)
         check_dataset_fit(config, manifest, accelerator.num_processes)
         model_cfg = replace(config.model, num_classes=config.model.num_classes or manifest["num_classes"])
-        model, data_config = _build_model(config, model_cfg)
+        model, data_config = _build_model(config, model_cfg.architecture() if config.resume else model_cfg)
         memory_format = model.memory_format(config.train.channels_last, accelerator.device)
         model = model.to(memory_format=memory_format)  # before prepare: ZeRO-3 partitions what it is given
         if config.train.compile:
@@ -67,10 +71,11 @@ def train(cfg: Mapping[str, Any]) -> Path:
         held.enter_context(main_process_holds(accelerator, lambda: claim_run_dir(run_dir, config.resume)))
         optimizer = make_optimizer(model.param_groups(config.optim.weight_decay), config.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
+        ema = make_ema(config.train.ema, accelerator.unwrap_model(model), accelerator.device)
         _check_precision(config, accelerator, model, data_config["input_size"])
         trail = AuditTrail(run_dir, sha256_file(Path(config.data.root) / "splits.json"), Signer.from_env())
         state, ledger, resumed = _start(config, accelerator, run_dir, manifest["counts"], trail)
-        _record_start(cfg, accelerator, run_dir, trail, state, resumed)
+        _record_start(cfg, accelerator, run_dir, trail, state, resumed, model_cfg)
         trace = ExposureTrace(run_dir, accelerator.process_index, state.step) if config.train.exposure_log else None
         monitor = Monitor(run_dir, accelerator.is_main_process, resume_at=(state.step, state.epoch) if resumed else None)
         reporter = Reporter(monitor, SkipBudget.for_dataset(config.data.max_skip_fraction, manifest),
@@ -78,18 +83,21 @@ def train(cfg: Mapping[str, Any]) -> Path:
         with StopSignals(accelerator.num_processes) as stop:
             trainer = Trainer(config, accelerator, model, optimizer, streams, state, ExposureRecorder(ledger, trace),
                               reporter, run_dir, memory_format=memory_format, trail=trail, resumed_from=resumed,
-                              stop=stop)
+                              stop=stop, ema=ema)
             trainer.fit()
         if trainer.stopped:
             _stop(trainer, stop.name())
-        save_final_model(accelerator, model, run_dir, model_cfg, config.mint, data_config, config.data.root, manifest)
+        init = trail.start_entry().get("init", {"from": "random"}) if accelerator.is_main_process else None
+        save_final_model(accelerator, model, run_dir, model_cfg, config.mint, data_config, config.data.root, manifest,
+                         init, ema)
         _finish(trainer)
         return run_dir
 
 
 def _build_model(config: JobConfig, model_cfg: ModelConfig) -> tuple[AuditableModel, dict]:
     """The model and its timm data config; one dry forward, so that a model that builds but cannot compute is
-    refused in one line now."""
+    refused in one line now. On resume ``model_cfg`` is its architecture alone (the checkpoint's weights replace
+    any starting weights: the pretrained file or checkpoint need not exist any more)."""
     model = build_auditable_model(model_cfg, config.mint)
     if config.train.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)  # timm honours it inside forward_intermediates too
@@ -135,16 +143,16 @@ def _start(config: JobConfig, accelerator: Accelerator, run_dir: Path, counts: M
 
 
 def _record_start(cfg: Mapping[str, Any], accelerator: Accelerator, run_dir: Path, trail: AuditTrail,
-                  state: TrainState, resumed: Path | None) -> None:
+                  state: TrainState, resumed: Path | None, model_cfg: ModelConfig) -> None:
     """Rank 0: the resolved config (``cfg`` as composed, saved once), provenance (command, versions, git, host,
-    time) and the trail's start or resume entry."""
+    time) and the trail's start entry (with the starting weights' file and sha256) or resume entry."""
     if not accelerator.is_main_process:
         return
     if not (run_dir / "config.yaml").exists():
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
     write_provenance(run_dir, None if resumed is None else state.step)
     if resumed is None:
-        trail.start(run_dir / "config.yaml", accelerator.num_processes)
+        trail.start(run_dir / "config.yaml", accelerator.num_processes, init=init_record(model_cfg))
     else:
         trail.append("resume", checkpoint=resumed.name, step=state.step, world_size=accelerator.num_processes)
 
@@ -163,8 +171,9 @@ def _finish(trainer: Trainer) -> None:
     summed = trainer.exposure.ledger.summed(partial(reduce_sum, accelerator))
     if accelerator.is_main_process:
         summed.save(run_dir / "ledger.npz")
+        ema = {"ema_weights_sha256": sha256_file(run_dir / EMA_WEIGHTS)} if trainer.ema is not None else {}
         trainer.trail.append("final", checkpoint=trainer.last_checkpoint, step=trainer.state.step,
                              ledger_sha256=summed.digest(), weights_sha256=sha256_file(run_dir / "model.safetensors"),
-                             model_config_sha256=sha256_file(run_dir / "model_config.json"))
+                             model_config_sha256=sha256_file(run_dir / "model_config.json"), **ema)
     accelerator.wait_for_everyone()
     trainer.reporter.monitor.close()

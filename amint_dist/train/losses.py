@@ -32,6 +32,30 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor
     return (values * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
+class AMintLoss:
+    """The joint loss for a plain training loop, normalisation included: task CE on the ``task_mask`` rows (default:
+    the members), MINT BCE on the ``mint_mask`` rows (default: all) with members labelled 1 and external rows 0.
+    The first call fixes the normalisers from its own losses (one process: under several, average them over
+    ranks and ``set_norms`` first, as the trainer does)."""
+
+    def __init__(self, task_weight: float = 1.0, mint_weight: float = 1.0, normalize: bool = True,
+                 member_weight: float = 1.0):
+        self.combine = LossCombiner(task_weight, mint_weight, normalize)
+        self.member_weight = member_weight
+
+    def __call__(self, logits: torch.Tensor, mint_logit: torch.Tensor | None, labels: torch.Tensor,
+                 is_member: torch.Tensor, task_mask: torch.Tensor | None = None,
+                 mint_mask: torch.Tensor | None = None) -> torch.Tensor:
+        parts = LossParts(
+            task_loss(logits, labels, is_member if task_mask is None else task_mask),
+            None if mint_logit is None else mint_loss(
+                mint_logit, is_member, torch.ones_like(is_member) if mint_mask is None else mint_mask,
+                self.member_weight))
+        if self.combine.norms is None:
+            self.combine.set_norms(parts.task.item(), 1.0 if parts.mint is None else parts.mint.item())
+        return self.combine(parts)
+
+
 class LossCombiner:
     """``L = w_task * L_task / n_task + w_mint * L_mint / n_mint``; n's = first-step values when normalising."""
 

@@ -1,4 +1,4 @@
-"""Resumable training position: steps, epoch, data cursors, loss normalisers, skip counts."""
+"""Resumable training position: steps, epoch, data cursors, loss normalisers and balancer, skip counts."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ class TrainState:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> samples skipped, all ranks
     world_size: int = 1
     epoch_skipped: list[list[str]] = field(default_factory=list)  # [key or shard, reason] of this epoch, all ranks
+    balancer: dict | None = None  # mint.balancer=famo: its task-weight logits and their Adam state
 
     def count_skips(self, reasons: Counter) -> None:
         """Add skipped-sample counts (already summed over ranks)."""

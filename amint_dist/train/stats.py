@@ -22,7 +22,7 @@ def step_sums(batch: dict, logits: torch.Tensor, mint_logit: torch.Tensor | None
     zero = n_task.new_zeros(())
     values = {"task_loss": losses.task.detach().double() * n_task,
               "task_correct": ((logits.argmax(-1) == batch["label"]) & task_rows).sum(),
-              "task_rows": n_task, "samples": batch["valid"].sum()}
+              "task_rows": n_task, "samples": batch["valid"].sum().to(n_task.device)}  # ``valid`` stays on the host
     if mint_logit is not None:
         predicted = mint_logit > 0
         for name, rows in (("member", batch["is_member"] & mint_rows), ("external", batch["is_external"] & mint_rows)):

@@ -12,18 +12,22 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from timm.utils.model_ema import ModelEmaV3
 from tqdm import tqdm
 
 from amint_dist.data.pipeline import ShardedSplitStream, make_loader
-from amint_dist.dist import reduce_sum
+from amint_dist.dist import mean_over_ranks, reduce_sum, tensors_sha256
 from amint_dist.records.trail import AuditTrail
+from amint_dist.train.balancer import Famo
 from amint_dist.train.batches import CyclingBatches, combine
 from amint_dist.train.checkpoint import load_rank_state, save_checkpoint
 from amint_dist.train.config import JobConfig
+from amint_dist.train.ema import EMA_CHECKPOINT_FILE, ema_file_bytes, load_ema
 from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
 from amint_dist.train.negatives import shifted_batch
@@ -53,24 +57,29 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, streams: Mapping[str, ShardedSplitStream], state: TrainState,
                  exposure: ExposureRecorder, reporter: Reporter, run_dir: Path, *,
                  memory_format: torch.memory_format = torch.contiguous_format, trail: AuditTrail | None = None,
-                 resumed_from: Path | None = None, stop: StopSignals | None = None):
+                 resumed_from: Path | None = None, stop: StopSignals | None = None, ema: ModelEmaV3 | None = None):
         """``resumed_from``: the checkpoint ``state`` was loaded from (its position counts as saved; this rank's
-        running statistics continue from it). ``stop``: checked at every optimizer step; once the ranks agree,
-        the step is checkpointed and :meth:`fit` returns early with ``stopped`` set."""
+        running statistics and EMA weights continue from it). ``stop``: checked at every optimizer step; once the
+        ranks agree, the step is checkpointed and :meth:`fit` returns early with ``stopped`` set. ``ema``: updated
+        after every optimizer step (``train.ema``)."""
         self.config, self.accelerator, self.model, self.optimizer = config, accelerator, model, optimizer
+        self.ema, self._unwrapped = ema, accelerator.unwrap_model(model)
         self.streams, self.state, self.exposure, self.reporter = streams, state, exposure, reporter
         self.run_dir, self.memory_format, self.trail, self.stop = run_dir, memory_format, trail, stop
         self.stopped = False
         self.positives = positive_splits(config)  # task + MINT-positive splits: members, or a reference run's pool
         self.grad_norm: torch.Tensor | float | None = None  # the last optimizer step's (under DeepSpeed: a float)
         tcfg = config.train
-        self.total_steps = sum(len(self._members_epoch(e)) for e in range(tcfg.epochs)) // tcfg.grad_accum
+        self.total_steps = tcfg.epochs * self._trained_batches() // tcfg.grad_accum
         if tcfg.max_steps > 0:
             self.total_steps = min(self.total_steps, tcfg.max_steps)
         steps_per_epoch = max(1, len(streams["members"]) // tcfg.grad_accum)
         self.warmup = round(config.optim.warmup_epochs * steps_per_epoch)
-        self.losses = LossCombiner(config.mint.task_weight, config.mint.weight, config.mint.normalize)
-        if state.loss_norms:
+        mcfg = config.mint
+        self.famo = Famo(mcfg.task_weight, mcfg.weight, mcfg.famo_lr, mcfg.famo_weight_decay,
+                         partial(mean_over_ranks, accelerator), accelerator.device) if mcfg.balancer == "famo" else None
+        self.losses = self.famo or LossCombiner(mcfg.task_weight, mcfg.weight, mcfg.normalize)
+        if state.loss_norms and self.famo is None:
             self.losses.set_norms(*state.loss_norms)
         self._cycling = {s: CyclingBatches(st, *state.cursors.get(s, [0, 0]))
                          for s, st in streams.items() if s != "members"}
@@ -80,6 +89,13 @@ class Trainer:
         if resumed_from is not None:
             self.saved_at, self.last_checkpoint = self._position(), resumed_from.name
             reporter.load_rank_state(load_rank_state(resumed_from, accelerator.process_index))
+            if ema is not None:
+                load_ema(ema, resumed_from)
+            if self.famo is not None:
+                if state.balancer is None:
+                    raise ValueError(f"{resumed_from.name} holds no FAMO state: it was saved with mint.balancer=fixed; "
+                                     "resume with mint.balancer=fixed, or start a new run")
+                self.famo.load_state_dict(state.balancer)
 
     # ---- one micro-step ----
 
@@ -112,19 +128,18 @@ class Trainer:
         if stepped:
             self.state.step += 1
             self.state.cursors = self._cursors()
+            if self.ema is not None:  # timm's step-based decay: the first step copies the weights
+                self.ema.update(self._unwrapped, step=self.state.step)
         return StepOutput(losses.task.detach(), None if losses.mint is None else losses.mint.detach(), stepped)
 
     def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None, LossParts]:
         """Forward, the weighted loss's backward, clipping and the optimizer, through ``accelerator.accumulate``."""
-        tcfg, mcfg, clip = self.config.train, self.config.mint, self.config.optim.clip_grad
+        clip = self.config.optim.clip_grad
         with self.accelerator.accumulate(self.model):
             for group in self.optimizer.param_groups:  # before backward: DeepSpeed steps inside accelerator.backward
                 group["lr"] = self.lr()
             logits, mint_logit = self.model(batch["image"])
-            losses = LossParts(
-                task_loss(logits, batch["label"], batch["task_mask"], tcfg.label_smoothing),
-                mint_loss(mint_logit, batch["is_member"], batch["mint_mask"], mcfg.member_weight) if mcfg.on else None,
-            )
+            losses = self._losses(batch, logits, mint_logit)
             if self.losses.norms is None:
                 self._set_norms(losses)
             self.accelerator.backward(self.losses(losses))
@@ -132,7 +147,26 @@ class Trainer:
                 self.grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), clip or math.inf)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.famo is not None and self.accelerator.sync_gradients:
+            self.famo.update(self._remeasured(batch))
         return logits, mint_logit, losses
+
+    @torch.no_grad()
+    def _remeasured(self, batch: dict) -> LossParts:
+        """The losses of ``batch`` with the updated model (FAMO's delta), in training mode like the losses they are
+        compared with; the model's buffers (BatchNorm statistics) are put back: the measurement leaves no trace."""
+        buffers = [b.clone() for b in self._unwrapped.buffers()]
+        losses = self._losses(batch, *self.model(batch["image"]))
+        for buffer, saved in zip(self._unwrapped.buffers(), buffers):
+            buffer.copy_(saved)
+        return losses
+
+    def _losses(self, batch: dict, logits: torch.Tensor, mint_logit: torch.Tensor | None) -> LossParts:
+        tcfg, mcfg = self.config.train, self.config.mint
+        return LossParts(
+            task_loss(logits, batch["label"], batch["task_mask"], tcfg.label_smoothing),
+            mint_loss(mint_logit, batch["is_member"], batch["mint_mask"], mcfg.member_weight) if mcfg.on else None,
+        )
 
     def lr(self) -> float:
         """The learning rate of the next optimizer step."""
@@ -163,7 +197,7 @@ class Trainer:
         members.set_epoch(self.state.epoch, self.state.batch_in_epoch)  # then epoch after epoch, read ahead
         batches = iter(make_loader(members, pin_memory=torch.cuda.is_available(), endless=True))
         while self.state.epoch < self.config.train.epochs and not self.done():
-            for _ in range(len(self._members_epoch(self.state.epoch)) - self.state.batch_in_epoch):
+            for _ in range(self._trained_batches() - self.state.batch_in_epoch):
                 if self.done():
                     break
                 waited = time.perf_counter()
@@ -173,8 +207,7 @@ class Trainer:
                 if out.stepped:
                     self._after_optimizer_step(bar)
             if self._epoch_over():
-                whole = members.batches_per_reader(self.state.epoch) * members.readers
-                for _ in range(whole - len(self._members_epoch(self.state.epoch))):
+                for _ in range(len(members) - self._trained_batches()):
                     next(batches)  # the epoch's last batches, short of a whole grad_accum group: not trained on
                 self._end_epoch()
 
@@ -184,8 +217,8 @@ class Trainer:
         tcfg = self.config.train
         bar.update(1)
         if self.state.step % tcfg.log_every == 0:
-            summary = self.reporter.log_window(self.state, self.exposure.ledger, self.lr(),
-                                               resource_scalars(self.accelerator.device, self.grad_norm))
+            local = resource_scalars(self.accelerator.device, self.grad_norm) | (self.famo.scalars() if self.famo else {})
+            summary = self.reporter.log_window(self.state, self.exposure.ledger, self.lr(), local)
             bar.set_postfix({k.split("/")[1]: f"{summary[k]:.4f}" for k in ("train/task_loss", "train/mint_loss")
                              if k in summary}, refresh=False)
         if tcfg.ckpt_every_steps and self.state.step % tcfg.ckpt_every_steps == 0:
@@ -202,11 +235,11 @@ class Trainer:
         return self.state.step, self.state.epoch, self.state.batch_in_epoch
 
     def _epoch_over(self) -> bool:
-        return self.state.batch_in_epoch >= len(self._members_epoch(self.state.epoch))
+        return self.state.batch_in_epoch >= self._trained_batches()
 
-    def _members_epoch(self, epoch: int) -> range:
-        stream, accum = self.streams["members"], self.config.train.grad_accum
-        return range(stream.batches_per_reader(epoch) * stream.readers // accum * accum)
+    def _trained_batches(self) -> int:
+        """Member batches of an epoch trained on: whole ``grad_accum`` groups."""
+        return len(self.streams["members"]) // self.config.train.grad_accum * self.config.train.grad_accum
 
     def _end_epoch(self) -> None:
         self.reporter.end_epoch(self.state, self.exposure.ledger, self.lr())
@@ -227,7 +260,15 @@ class Trainer:
         self.reporter.merge_skips(self.state, self.exposure.ledger)
         self.exposure.sync()  # first: every step a checkpoint covers is in the trace
         self.state.cursors = self._cursors()
+        self.state.balancer = self.famo.state_dict() if self.famo else None
         path = save_checkpoint(self.accelerator, self.run_dir, self.state, self.exposure.ledger,
                                self.config.train.keep_checkpoints, model=self.model, trail=self.trail,
-                               rank_state=self.reporter.rank_state())
+                               rank_state=self.reporter.rank_state(), agree=self._agree(),
+                               files={EMA_CHECKPOINT_FILE: partial(ema_file_bytes, self.ema)} if self.ema else None)
         self.saved_at, self.last_checkpoint = self._position(), path.name
+
+    def _agree(self) -> dict:
+        """State beyond the parameters that every rank must hold alike (checked with each checkpoint). Buffers
+        (BatchNorm statistics) differ between DDP ranks, the model's as the EMA's: rank 0's are saved."""
+        agree = {"ema_param_sha256": tensors_sha256(self.ema.module.named_parameters())[0]} if self.ema else {}
+        return {**agree, **({"famo_logits": self.state.balancer["logits"]} if self.famo else {})}
