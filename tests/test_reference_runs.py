@@ -13,6 +13,7 @@ import torch
 
 from amint_dist.config import ConfigError
 from amint_dist.data.config import DataConfig
+from amint_dist.data.assignment import rank_batches
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
 from amint_dist.data.splits import hash_unit
 from amint_dist.data.subset import SubsetRule
@@ -73,12 +74,19 @@ def test_subset_stream_reads_each_selected_sample_once_per_epoch_and_resumes_exa
     read = []
     for rank in range(world):
         whole = batches(rank)
-        assert len(whole) == stream(rank).batches_per_reader(1) * 2  # epoch length: from the selected samples
+        assert len(whole) == len(stream(rank)) == rank_batches(len(selected), world, 8)  # from the selected samples
         read += [k for b in whole for k, v in zip(b["key"], b["valid"].tolist()) if v]
         resumed = batches(rank, start=5)
         assert [b["key"] for b in resumed] == [b["key"] for b in whole[5:]]
     assert sorted(read) == sorted(selected)  # every selected sample once, nothing else
-    assert stream(0).batches_per_reader(1) * 8 < max(shards.lengths) * len(shards.urls) // (world * 2)  # not all
+    assert len(stream(0)) * 8 < shards.num_samples // world  # the unselected samples take no batch slots
+
+    decoded = []  # in-process (no workers): the transform sees every decoded image
+    for rank in range(world):
+        for _ in ShardedSplitStream(shards, lambda img: decoded.append(1) or torch.zeros(1, 2, 2), (1, 2, 2), 8,
+                                    rank=rank, world=world, workers=0, seed=0):
+            pass
+    assert len(decoded) == len(selected)  # unselected samples are dropped before decoding
 
 
 @pytest.fixture(scope="module")
