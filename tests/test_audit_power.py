@@ -44,7 +44,7 @@ def report(runs, tmp_path_factory) -> tuple[dict, Path]:
 
 
 def test_reference_methods_join_every_protocol(report):
-    rep, _ = report
+    rep, out = report
     for name in PROTOCOLS:
         methods = rep["protocols"][name]["methods"]
         assert set(REFERENCE_METHODS) | {"amint", "loss", "blind"} <= set(methods), name
@@ -53,6 +53,11 @@ def test_reference_methods_join_every_protocol(report):
             assert 0 <= methods[method]["auc"]["value"] <= 1
         assert rep["protocols"][name]["fixed_fpr"]["lira_online_fixed"][0]["fpr"] == 0.0
     assert rep["distribution_shift"] == []  # an honest key-hash split: the blind baseline reads chance
+    report_md = (out / "report.md").read_text()
+    assert "DISTRIBUTION SHIFT" not in report_md
+    for name in PROTOCOLS:  # every protocol's fixed-FPR table in report.md has a row per reference method
+        section = report_md.split(f"### `{name}`")[1].split("###")[0].split("## All metrics")[0]
+        assert all(f"| {method} |" in section for method in [*REFERENCE_METHODS, "blind"]), name
     null = rep["protocols"]["null"]["methods"]
     assert null["blind"]["auc"]["ci95"][0] <= 0.5 <= null["blind"]["auc"]["ci95"][1]
 
@@ -150,7 +155,8 @@ def test_blind_baseline_flags_a_root_where_members_are_brighter(tmp_path):
     assert rep["notes"][0] == rep["distribution_shift"][0]
     assert rep["protocols"]["seen"]["methods"]["blind"]["auc"]["ci95"][0] > 0.9
     report_md = (tmp_path / "audit" / "report.md").read_text()
-    assert report_md.index("**DISTRIBUTION SHIFT in protocol seen") < report_md.index("| method |")
+    assert report_md.index("Integrity:") < report_md.index("**DISTRIBUTION SHIFT in protocol seen") < \
+        report_md.index("## Per-sample evidence")  # after the verdict and integrity, before every table
 
 
 def test_two_audit_ranks_give_the_one_rank_reference_scores(runs, report, tmp_path):
