@@ -46,6 +46,8 @@ def test_subset_config_is_typed_and_refuses_a_pool_without_members():
     assert cfg.reference_subset.rule() == SubsetRule(2, 0.25)
     with pytest.raises(ConfigError, match=r"^data\.subset\.pool=\['heldout'\]: expected distinct splits"):
         DataConfig.from_dict({"subset": {"pool": ["heldout"], "seed": 0}})
+    with pytest.raises(ConfigError, match=r"^data\.subset\.pool=.*: validation is the tuning share"):
+        DataConfig.from_dict({"subset": {"pool": ["members", "validation"], "seed": 0}})
     with pytest.raises(ConfigError, match=r"^data\.subset\.fraction=0: expected a number > 0 and <= 1"):
         DataConfig.from_dict({"subset": {"fraction": 0, "seed": 0}})
 
