@@ -98,3 +98,15 @@ def test_training_with_device_transform(tmp_path, train_root):
     assert all(torch.equal(default[k], device[k]) for k in default)
     assert all(torch.isfinite(v).all() for v in augmented.values())
     assert not all(torch.equal(default[k], augmented[k]) for k in default)
+
+
+def test_device_augmentation_resumes_exactly(tmp_path, train_root):
+    """Stopped after 2 steps and resumed to 4, a device-augmented run ends with the weights of the run that went
+    straight to 4: the resumed steps drew the same augmentation (seeded by position, not by process history)."""
+    augmented = ("data.device_transform=true", "+data.augment.auto_augment=rand-m9-mstd0.5-inc1",
+                 "+data.augment.re_prob=0.5", "+data.augment.re_mode=pixel")
+    run_train(tmp_path / "straight", train_root, *augmented, "train.max_steps=4")
+    run_train(tmp_path / "resumed", train_root, *augmented, "train.max_steps=2")
+    run_train(tmp_path / "resumed", train_root, *augmented, "train.max_steps=4", "resume=latest")
+    straight, resumed = (safetensors.torch.load_file(tmp_path / run / "model.safetensors") for run in ("straight", "resumed"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
