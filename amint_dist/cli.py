@@ -34,8 +34,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from amint_dist.provenance import record_command
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, MissingMandatoryValue)
-OPEN_MAPPINGS = ("model.kwargs", "audit.model.kwargs", "audit.model.transform")  # timm arguments: where overrides may
-# add keys (the model build and timm's data config check them)
+OPEN_MAPPINGS = ("model.kwargs", "audit.model.kwargs", "audit.model.transform", "data.augment")  # timm arguments:
+# where overrides may add keys (the model build, timm's data config and create_transform check them)
 INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")  # Hydra's --info
 QUIET_LOGGERS = ("accelerate",)  # per-checkpoint "Saving current state ..." INFO lines: shown with -v only
 
@@ -138,8 +138,8 @@ FLAGS = """flags:
   -v, --verbose     also Accelerate's INFO lines (per-checkpoint "Saving current state ...") and debug details
 
 Overrides use Hydra's syntax: key=value changes a value, group=option picks a file of a config group
-(experiment=vit_b16_imagenet), ++key=value forces an existing key, +model.kwargs.NAME=VALUE adds a timm
-argument. Other added keys and hydra.* settings are refused: they would have no effect."""
+(experiment=vit_b16_imagenet), ++key=value forces an existing key, +model.kwargs.NAME=VALUE (or
++data.augment.NAME=VALUE) adds a timm argument. Other added keys and hydra.* settings are refused: they would have no effect."""
 MULTIRUN = """  -m, --multirun    a sweep: every combination of comma-separated values (train.epochs=1,2 mint.weight=1,3)
                     runs one after the other in this process, each in its own run dir (see docs/training.md);
                     not under a multi-process launcher (WORLD_SIZE>1: every rank would run the whole sweep)"""

@@ -20,7 +20,6 @@ from train_helpers import REPO
     ("data.fractions.members=-0.1", "data.fractions"),
     ("data.fractions.members=0.5", "data.fractions"),
     ("train.batch_size=1000", "train.batch_size=1000"),  # larger than the members split (784)
-    ("data.workers=7", "data.workers=7"),  # the probe split has 6 shards
     ("train.grad_accum=100", "train.grad_accum=100"),
     ("data.subset.pool=[members,validation]", "data.subset.pool=['members', 'validation']: validation is the tuning"),
     ("train.foo=1", "foo"),  # Hydra struct mode: unknown key

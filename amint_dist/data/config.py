@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from amint_dist.config import Config, ConfigError, as_number, option
+from amint_dist.data.device_transform import rand_augment_options
 from amint_dist.data.images import DEFAULT_MAX_PIXELS
 from amint_dist.data.splits import validate_fractions
 from amint_dist.data.subset import SubsetRule
@@ -62,6 +63,8 @@ class DataConfig(Config):
     max_skip_fraction: float = option(0.01, lo=0, hi=1, help="training stops when more of the samples read were skipped")
     transform: dict = option({}, help="overrides of timm's data config (crop_pct, interpolation, mean, std)")
     augment: dict = option({}, help="timm create_transform(is_training=True) options; empty: no augmentation")
+    device_transform: bool = option(False, help="training loaders ship uint8 crops; RandAugment, normalisation and "
+                                                "random erasing run on the batch in the training step")
     subset: SubsetConfig | None = option(None, help="a reference run's member subset (data.subset.*); null: off")
 
     @property
@@ -77,3 +80,8 @@ class DataConfig(Config):
             self.fractions = validate_fractions({k: float(v) for k, v in self.fractions.items()})
         except ValueError as e:
             raise ConfigError(f"{self.key('fractions')}: {e}") from None
+        if self.device_transform:
+            try:
+                rand_augment_options(self.augment.get("auto_augment"))
+            except ValueError as e:
+                raise self.error("augment", f"with data.device_transform=true: {e}") from None

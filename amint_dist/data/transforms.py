@@ -9,6 +9,8 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+from amint_dist.data.device_transform import worker_augment
+
 
 def data_config_for(backbone: nn.Module, img_size: int, in_chans: int = 3,
                     transform_cfg: Mapping[str, Any] | None = None) -> dict:
@@ -32,11 +34,15 @@ class _Grayscale:
         return self.transform(image.convert("L"))
 
 
-def make_transform(data_config: Mapping[str, Any], augment: Mapping[str, Any] | None) -> Callable:
+def make_transform(data_config: Mapping[str, Any], augment: Mapping[str, Any] | None, uint8: bool = False) -> Callable:
     """Eval transform when ``augment`` is empty, else timm's training transform with those options; images
-    are converted to grayscale first for a 1-channel ``input_size``."""
+    are converted to grayscale first for a 1-channel ``input_size``.
+
+    ``uint8`` (``data.device_transform``): the workers' half only, uint8 CHW tensors after the resize/crop (and
+    flip); RandAugment, normalisation and random erasing are left to :class:`DeviceTransform`."""
     base = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct")}
     if augment:
         base.pop("crop_pct")
-    transform = create_transform(**base, is_training=bool(augment), **(augment or {}))
+    options = worker_augment(augment or {}) if uint8 else dict(augment or {})
+    transform = create_transform(**base, is_training=bool(augment), use_prefetcher=uint8, **options)
     return _Grayscale(transform) if base["input_size"][0] == 1 else transform

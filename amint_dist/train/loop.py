@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
+from amint_dist.data.device_transform import DeviceTransform
 from amint_dist.data.transforms import data_config_for
 from amint_dist.dist import main_process_holds, reduce_sum, shared_run_dir
 from amint_dist.io import atomic_write_text, sha256_file
@@ -83,7 +84,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
         with StopSignals(accelerator.num_processes) as stop:
             trainer = Trainer(config, accelerator, model, optimizer, streams, state, ExposureRecorder(ledger, trace),
                               reporter, run_dir, memory_format=memory_format, trail=trail, resumed_from=resumed,
-                              stop=stop, ema=ema)
+                              stop=stop, ema=ema, device_transform=_device_transform(config, data_config, accelerator))
             trainer.fit()
         if trainer.stopped:
             _stop(trainer, stop.name())
@@ -92,6 +93,13 @@ def train(cfg: Mapping[str, Any]) -> Path:
                          init, ema)
         _finish(trainer)
         return run_dir
+
+
+def _device_transform(config: JobConfig, data_config: dict, accelerator: Accelerator) -> DeviceTransform | None:
+    """The training step's half of the image transform under ``data.device_transform`` (else None)."""
+    if not config.data.device_transform:
+        return None
+    return DeviceTransform(data_config, config.data.augment, accelerator.device)
 
 
 def _build_model(config: JobConfig, model_cfg: ModelConfig) -> tuple[AuditableModel, dict]:

@@ -75,7 +75,7 @@ def make_streams(cfg: JobConfig, manifest: Mapping[str, Any], data_config: Mappi
         raise ValueError(f"split {empty[0]!r} of {cfg.data.root} is empty: training needs members"
                          + (" and external MINT negatives" if cfg.mint.on else ""))
     image_shape = tuple(data_config["input_size"])
-    transform = make_transform(data_config, cfg.data.augment)
+    transform = make_transform(data_config, cfg.data.augment, uint8=cfg.data.device_transform)
     return {
         split: ShardedSplitStream(
             split_shards(cfg, split), transform, image_shape, n, rank=rank, world=world,

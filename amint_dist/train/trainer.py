@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from timm.utils.model_ema import ModelEmaV3
 from tqdm import tqdm
 
+from amint_dist.data.device_transform import DeviceTransform
 from amint_dist.data.pipeline import ShardedSplitStream, make_loader
 from amint_dist.dist import mean_over_ranks, reduce_sum, tensors_sha256
 from amint_dist.records.trail import AuditTrail
@@ -57,13 +58,16 @@ class Trainer:
                  optimizer: torch.optim.Optimizer, streams: Mapping[str, ShardedSplitStream], state: TrainState,
                  exposure: ExposureRecorder, reporter: Reporter, run_dir: Path, *,
                  memory_format: torch.memory_format = torch.contiguous_format, trail: AuditTrail | None = None,
-                 resumed_from: Path | None = None, stop: StopSignals | None = None, ema: ModelEmaV3 | None = None):
+                 resumed_from: Path | None = None, stop: StopSignals | None = None, ema: ModelEmaV3 | None = None,
+                 device_transform: DeviceTransform | None = None):
         """``resumed_from``: the checkpoint ``state`` was loaded from (its position counts as saved; this rank's
         running statistics and EMA weights continue from it). ``stop``: checked at every optimizer step; once the
         ranks agree, the step is checkpointed and :meth:`fit` returns early with ``stopped`` set. ``ema``: updated
-        after every optimizer step (``train.ema``)."""
+        after every optimizer step (``train.ema``). ``device_transform`` (``data.device_transform``): the streams
+        ship uint8 images; every split's batch is augmented and normalised on the device first."""
         self.config, self.accelerator, self.model, self.optimizer = config, accelerator, model, optimizer
         self.ema, self._unwrapped = ema, accelerator.unwrap_model(model)
+        self.device_transform = device_transform
         self.streams, self.state, self.exposure, self.reporter = streams, state, exposure, reporter
         self.run_dir, self.memory_format, self.trail, self.stop = run_dir, memory_format, trail, stop
         self.stopped = False
@@ -103,6 +107,15 @@ class Trainer:
         """The next member batch and the probe and external batches that go with it."""
         return {"members": next(member_batches), **{split: c.next() for split, c in self._cycling.items()}}
 
+    def on_device(self, parts: Mapping[str, dict]) -> dict[str, dict]:
+        """``parts`` with their uint8 images augmented and normalised on the device (``data.device_transform``),
+        seeded by the run's seed, the position, the rank and the split: a resumed run draws the same."""
+        if self.device_transform is None:
+            return dict(parts)
+        seed = f"amint-device:{self.config.train.seed}:{self.state.epoch}:{self.state.batch_in_epoch}:" \
+               f"{self.accelerator.process_index}"
+        return {split: {**b, "image": self.device_transform(b["image"], f"{seed}:{split}")} for split, b in parts.items()}
+
     def with_negatives(self, parts: Mapping[str, dict]) -> dict[str, dict]:
         """``parts`` plus shifted copies (``mint.member_shift`` / ``external_shift``), seeded by the position."""
         shifts = self.config.mint.shifts(self.positives)
@@ -117,7 +130,7 @@ class Trainer:
         """One micro-batch of ``parts`` (split -> reader batch): negatives, forward/backward/optimizer, exposure
         and statistics; ``data_wait`` (seconds spent fetching ``parts``) goes to the statistics."""
         started = time.perf_counter()
-        parts = self.with_negatives(parts)
+        parts = self.with_negatives(self.on_device(parts))  # negatives: shifted copies of the augmented images
         batch = combine(parts, self.accelerator.device, self.memory_format, self.positives)
         logits, mint_logit, losses = self._forward_backward(batch)
         self.exposure.record(self.state.step, parts)
