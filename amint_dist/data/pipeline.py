@@ -9,7 +9,9 @@ shards that end early are skipped, counted by reason and reported in the batch (
 leaves an invalid row in place, so batch composition never depends on decoding). Augmentation randomness
 is seeded per batch from (seed, epoch, reader, batch), so a resumed epoch (``set_epoch(e, start_batch)``)
 reads but does not decode the batches it skips and still yields exactly the batches, images included, of
-an uninterrupted run.
+an uninterrupted run. With a subset (``SplitShards.subset``: a reference run) the assignment counts only the
+samples it keeps (``read_lengths``), each piece is mapped onto its shard by ``read_positions`` and the samples
+it skips are dropped before decoding.
 """
 
 from __future__ import annotations
