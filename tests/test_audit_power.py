@@ -179,3 +179,28 @@ def test_two_audit_ranks_give_the_one_rank_reference_scores(runs, report, tmp_pa
                 np.testing.assert_allclose(two[f"{p}/{method}"], one[f"{p}/{method}"], rtol=1e-5, atol=1e-6)
     assert json.loads((out / "report.json").read_text())["reference_runs"]["coverage"] == report[0][
         "reference_runs"]["coverage"]
+
+
+def test_a_model_file_audit_gets_reference_attacks_but_no_amint_lr(runs, tmp_path, train_root):
+    """The audited run's backbone as a plain timm file: LiRA/RMIA need only its logits; aMINT-LR would read the
+    file's fresh, untrained MINT head, so it is left out."""
+    import safetensors.torch
+    import torch
+
+    weights = safetensors.torch.load_file(runs["audited"] / "model.safetensors")
+    torch.save({k.removeprefix("backbone."): v for k, v in weights.items() if k.startswith("backbone.")},
+               tmp_path / "vit.pth")
+    record = json.loads((runs["audited"] / "model_config.json").read_text())["model"]
+    cfg = audit_config(REPO / "configs", "")
+    cfg["data"]["root"] = str(train_root)
+    cfg["audit"].update({**QUICK, "passive": {"enabled": True, "epochs": 1}, "protocols": ["seen"],
+                         "out_dir": str(tmp_path / "audit"), "reference_runs": [str(runs["r0"]), str(runs["r1"])],
+                         "model": {"name": record["name"], "file": str(tmp_path / "vit.pth"),
+                                   "img_size": record["img_size"], "in_chans": record["in_chans"],
+                                   "kwargs": record["kwargs"], "taps": [0, 1],
+                                   "transform": {"crop_pct": 1.0, "interpolation": "bilinear"}}})
+    rep = json.loads(run_audit(cfg).with_name("report.json").read_text())
+    methods = rep["protocols"]["seen"]["methods"]
+    assert {"lira_online", "lira_offline", "rmia_online", "rmia_offline", "passive"} <= set(methods)
+    assert not {"amint_lr", "amint_lr_offline"} & set(methods)
+    assert len(rep["reference_runs"]["runs"]) == 2

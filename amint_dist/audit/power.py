@@ -59,7 +59,8 @@ def audit_power(acfg: AuditConfig, inputs: AuditInputs, model: AuditableModel, s
         ref_model = ref.build_model().to(device)
         scored.append(model_signals(ref_model, streams_of(ref, ref_model), read, device, autocast, gather))
         del ref_model
-    with_mint = bool(np.isfinite(target[splits[0]]["mint"]).all()) and all(
+    # aMINT-LR needs a trained MINT head on every model: a model file's (own_head False) is a fresh, untrained one
+    with_mint = inputs.own_head and bool(np.isfinite(target[splits[0]]["mint"]).all()) and all(
         np.isfinite(r[splits[0]]["mint"]).all() for r in scored)
     columns = attack_columns(target, scored, [r.ledger for r in refs], splits, acfg.rmia_gamma, acfg.rmia_offline_a,
                              with_mint)
