@@ -6,6 +6,8 @@ Rules, stated once:
   another. A newer mid-epoch checkpoint is passed over for the newest epoch-boundary checkpoint (its later
   steps are trained again, and its ledger, which counts them, is discarded with its weights): the exposure
   ledger then counts every member exactly once per epoch trained, as an uninterrupted run's does.
+- The LR schedule and the run's end continue as an uninterrupted run at the new world size would
+  (``TrainState.schedule_shift``): its steps per epoch differ.
 - ``external`` and ``probe`` cycle at their own pace: a cursor inside one of their epochs moves to the start of
   the next (the ledger counts what was consumed, so it stays exact; that epoch of theirs is cut short).
 - DeepSpeed refuses ZeRO shards of another data-parallel size: the checkpoint (already verified against the
@@ -67,7 +69,7 @@ def state_at_world(state: TrainState, world: int) -> TrainState:
     if state.batch_in_epoch:
         raise ValueError(f"step {state.step} is mid-epoch: it cannot resume at another world size")
     state.cursors = {s: [e + 1, 0] if pos else [e, 0] for s, (e, pos) in state.cursors.items()}
-    state.world_size = world
+    state.world_size, state.schedule_shift = world, None  # the trainer knows this world's steps per epoch
     return state
 
 
