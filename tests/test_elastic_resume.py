@@ -1,4 +1,4 @@
-"""Elastic resume: DeepSpeed ZeRO-2/3 checkpoints resumed at another world size (2 -> 1, 1 -> 2 gloo ranks on CPU).
+"""Elastic resume: ZeRO-2/3 (and DDP) checkpoints resumed at another world size (2 -> 1, 1 -> 2 gloo ranks on CPU).
 
 Each run is stopped mid second epoch (``train.max_steps``) and resumed with another ``--num_processes``. The
 resume must go back to the epoch-boundary checkpoint, load its weights exactly (read independently with
@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 
 from amint_dist.dist import tensors_sha256
 from amint_dist.models import model_from_record
@@ -46,27 +47,34 @@ def resume_entry(run_dir: Path) -> dict:
     return [e for e in map(json.loads, lines) if e["kind"] == "resume"][-1]
 
 
-def consolidated_params_sha256(run_dir: Path, checkpoint: Path) -> str:
-    """sha256 of the checkpoint's fp32 parameters as DeepSpeed's own zero_to_fp32 consolidates them."""
+def saved_params_sha256(run_dir: Path, checkpoint: Path, engine: str) -> str:
+    """sha256 of the checkpoint's parameters, read without our code: DDP's ``model.safetensors`` as Accelerate
+    saved it, ZeRO's fp32 shards as DeepSpeed's own zero_to_fp32 consolidates them."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
+    if engine == "ddp":
+        saved = safetensors.torch.load_file(checkpoint / "model.safetensors")
+        weights = {name.removeprefix("module."): tensor for name, tensor in saved.items()}
+    else:
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
     model = model_from_record(json.loads((run_dir / "model_config.json").read_text()))
     return tensors_sha256((name, weights[name]) for name, _ in model.named_parameters())[0]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine, worlds", [("zero2", (2, 1)), ("zero2", (1, 2)), ("zero3", (2, 1))])
-def test_zero_checkpoint_resumes_at_another_world_size_from_the_epoch_boundary(engine, worlds, tmp_path, train_root):
+@pytest.mark.parametrize("engine, worlds", [("zero2", (2, 1)), ("zero2", (1, 2)), ("zero3", (2, 1)),
+                                                    ("ddp", (2, 1))])
+def test_checkpoint_resumes_at_another_world_size_from_the_epoch_boundary(engine, worlds, tmp_path, train_root):
     before, after = worlds
     run_dir = stopped_mid_epoch(engine, before, tmp_path, train_root)
-    boundary = next(p for p in checkpoints(run_dir) if (train_state(p)["epoch"], train_state(p)["batch_in_epoch"]) == (1, 0))
+    boundary = next(p for p in checkpoints(run_dir) if train_state(p)["batch_in_epoch"] == 0)  # epoch 1's start
     proc = run_train(run_dir, train_root, *COMMON, "resume=latest", launcher=world_launcher(engine, after))
     assert f"resumed {boundary.name} (world size {before}) at world size {after} from epoch 1's start" in proc.stdout
     entry = resume_entry(run_dir)
     assert (entry["checkpoint"], entry["from_world_size"], entry["world_size"]) == (boundary.name, before, after)
-    assert entry["optimizer_state"].startswith("carried over (DeepSpeed universal checkpoint")
-    assert entry["params_sha256"] == consolidated_params_sha256(run_dir, boundary)  # the weights, exactly
+    assert entry["optimizer_state"].startswith("carried over (full state)" if engine == "ddp" else
+                                               "carried over (DeepSpeed universal checkpoint")
+    assert entry["params_sha256"] == saved_params_sha256(run_dir, boundary, engine)  # the weights, exactly
     ledger = load_npz(run_dir / "ledger.npz")
     assert (ledger["members"] == EPOCHS).all(), sorted(set(ledger["members"].tolist()))  # each member once an epoch
     final = json.loads((checkpoints(run_dir)[-1] / "distributed.json").read_text())
