@@ -132,3 +132,18 @@ def test_pruning_keeps_the_newest_epoch_boundary_checkpoint(tmp_path):
     _prune(tmp_path, keep_last=2, keep="step-00000036")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000026", "step-00000033", "step-00000036"]
 
+
+
+def test_a_smaller_world_drops_the_replayed_steps_from_the_trace_of_ranks_gone(tmp_path):
+    """Resumed at step 3 on 1 rank: rank 1's trace (of the 2-rank run) keeps only steps before 3, like rank 0's."""
+    from amint_dist.train.exposure_trace import ExposureTrace
+
+    (tmp_path / "exposure_log").mkdir()
+    for rank in (0, 1):
+        lines = "".join(f"{step}\tmembers\t{rank * 10 + step}\tk{step}\n" for step in range(6))
+        (tmp_path / "exposure_log" / f"rank-{rank:05d}.tsv").write_text(lines + "7\tmem")  # a torn last line
+    ExposureTrace(tmp_path, 0, resume_step=3, world=1).close()
+    for rank in (0, 1):
+        trace = (tmp_path / "exposure_log" / f"rank-{rank:05d}.tsv").read_text()
+        steps = [line.split("\t")[0] for line in trace.splitlines()]
+        assert steps == ["0", "1", "2"], (rank, steps)
