@@ -2,7 +2,8 @@
 
 Each run is stopped mid second epoch (``train.max_steps``) and resumed with another ``--num_processes``. The
 resume must go back to the epoch-boundary checkpoint, load its weights exactly (read independently with
-DeepSpeed's ``zero_to_fp32``), and end with every member counted exactly once per epoch in the ledger.
+DeepSpeed's ``zero_to_fp32``), carry Adam's state on, follow the schedule of the new world size and end with
+every member counted exactly once per epoch in the ledger.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import torch
 
 from amint_dist.dist import tensors_sha256
 from amint_dist.models import model_from_record
@@ -61,6 +63,15 @@ def saved_params_sha256(run_dir: Path, checkpoint: Path, engine: str) -> str:
     return tensors_sha256((name, weights[name]) for name, _ in model.named_parameters())[0]
 
 
+def adam_steps(checkpoint: Path, engine: str) -> float:
+    """Adam's step count in a checkpoint's optimizer state (rank 0's), read with torch (the test's own files)."""
+    if engine == "ddp":
+        return float(torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"][0]["step"])
+    shard = sorted((checkpoint / "pytorch_model").glob("*optim_states.pt"))[0]
+    saved = torch.load(shard, weights_only=False, map_location="cpu")["optimizer_state_dict"]
+    return float((saved.get("base_optimizer_state") or saved["optimizer_state_dict"])["state"][0]["step"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine, worlds", [("zero2", (2, 1)), ("zero2", (1, 2)), ("zero3", (2, 1)),
                                                     ("ddp", (2, 1))])
@@ -77,11 +88,14 @@ def test_checkpoint_resumes_at_another_world_size_from_the_epoch_boundary(engine
     assert entry["params_sha256"] == saved_params_sha256(run_dir, boundary, engine)  # the weights, exactly
     ledger = load_npz(run_dir / "ledger.npz")
     assert (ledger["members"] == EPOCHS).all(), sorted(set(ledger["members"].tolist()))  # each member once an epoch
-    final = json.loads((checkpoints(run_dir)[-1] / "distributed.json").read_text())
+    last = checkpoints(run_dir)[-1]
+    final = json.loads((last / "distributed.json").read_text())
     assert final["world_size"] == after and final["ranks"][0]["param_sha256"] != entry["params_sha256"]  # trained on
     epochs = [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "epoch" in e]
-    assert [e["epoch"] for e in epochs][-1] == EPOCHS - 1 and train_state(checkpoints(run_dir)[-1])["epoch"] == EPOCHS
+    assert epochs[-1]["epoch"] == EPOCHS - 1 and train_state(last)["epoch"] == EPOCHS
     assert epochs[-1]["lr"] == pytest.approx(MIN_LR)  # the schedule ends with the last epoch at the new world size
+    # Adam's state carried over: its step count went on from the checkpoint's (reset, it counts the steps since)
+    assert adam_steps(last, engine) == train_state(last)["step"]
 
 
 @pytest.mark.slow
