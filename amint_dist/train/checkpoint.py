@@ -26,6 +26,7 @@ from amint_dist.records.trail import AuditTrail, TrailError
 from amint_dist.records.verification import (checkpoint_file_problems, checkpoint_ledger_digest, hash_files,
                                              relative_files)
 from amint_dist.records.ledger import ExposureLedger
+from amint_dist.train.elastic import is_epoch_boundary, load_engine_state, state_at_world
 from amint_dist.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -148,26 +149,26 @@ def verify_checkpoint(accelerator: Accelerator, path: Path, trail: AuditTrail) -
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, ledger_sizes: dict[str, int],
-                    trail: AuditTrail | None = None) -> tuple[TrainState, ExposureLedger]:
+                    trail: AuditTrail | None = None) -> tuple[TrainState, ExposureLedger, dict]:
     """Restore model/optimizer/RNG state; each rank gets its own ledger back (rank 0 the sum if world changed).
 
-    With ``trail``, the checkpoint is verified against it first (``verify_checkpoint``).
+    With ``trail``, the checkpoint is verified against it first (``verify_checkpoint``). Another world size
+    resumes only at an epoch boundary (``train.elastic``); the third value is then its record for the trail
+    (world sizes, loaded parameters' sha256, optimizer state), else {}.
     """
     if trail is not None:
         verify_checkpoint(accelerator, path, trail)
-    accelerator.load_state(str(path))
     state = TrainState.from_dict(json.loads((path / "train_state.json").read_text()))
-    ledger = ExposureLedger(ledger_sizes)
-    rank_files = sorted(path.glob("ledger-rank*.npz"))
     if state.world_size == accelerator.num_processes:
+        accelerator.load_state(str(path))
         ledger = ExposureLedger.load(path / f"ledger-rank{accelerator.process_index:05d}.npz", ledger_sizes)
-    elif accelerator.is_main_process:
-        for f in rank_files:
+        return state, ledger, {}
+    elastic = {"from_world_size": state.world_size, **load_engine_state(accelerator, path)}
+    ledger = ExposureLedger(ledger_sizes)
+    if accelerator.is_main_process:
+        for f in sorted(path.glob("ledger-rank*.npz")):
             ledger += ExposureLedger.load(f, ledger_sizes)
-    if state.world_size != accelerator.num_processes:
-        state.batch_in_epoch, state.epoch = 0, state.epoch + (1 if state.batch_in_epoch else 0)
-        state.world_size = accelerator.num_processes
-    return state, ledger
+    return state_at_world(state, accelerator.num_processes), ledger, elastic
 
 
 def load_rank_state(path: Path, rank: int) -> dict:
@@ -177,7 +178,10 @@ def load_rank_state(path: Path, rank: int) -> dict:
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:
+    """Keep the last ``keep_last`` checkpoints, ``keep`` and the newest epoch-boundary one (where another world
+    size can resume)."""
     done = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "train_state.json").is_file())
+    boundaries = [p.name for p in done if is_epoch_boundary(p)]
     for old in done[:-keep_last] if keep_last > 0 else []:
-        if old.name != keep:
+        if old.name not in {keep, *boundaries[-1:]}:
             shutil.rmtree(old, ignore_errors=True)

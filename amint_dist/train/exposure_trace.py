@@ -17,12 +17,14 @@ class ExposureTrace:
     and a torn last line are dropped: the trace stays exact.
     """
 
-    def __init__(self, run_dir: Path, rank: int, resume_step: int):
+    def __init__(self, run_dir: Path, rank: int, resume_step: int, world: int = 1):
         path = run_dir / "exposure_log" / f"rank-{rank:05d}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            kept = [line for line in complete_lines(path) if int(line.split("\t", 1)[0]) < resume_step]
-            atomic_write_text(path, "".join(kept))
+        _drop_from(path, resume_step)
+        if rank == 0:  # a resume at a smaller world size: ranks gone no longer drop their replayed lines
+            for gone in path.parent.glob("rank-*.tsv"):
+                if int(gone.stem.split("-")[1]) >= world:
+                    _drop_from(gone, resume_step)
         self._file = open(path, "a", buffering=1 << 16)
 
     def record(self, step: int, split: str, batch: Mapping) -> None:
@@ -36,3 +38,9 @@ class ExposureTrace:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _drop_from(path: Path, step: int) -> None:
+    """Keep the complete lines of ``path`` (if it exists) of steps before ``step``."""
+    if path.exists():
+        atomic_write_text(path, "".join(line for line in complete_lines(path) if int(line.split("\t", 1)[0]) < step))

@@ -32,6 +32,7 @@ from amint_dist.train.accelerator import make_accelerator, resolve_precision
 from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.checkpoint import clean_partials, latest_checkpoint, load_checkpoint
 from amint_dist.train.config import JobConfig
+from amint_dist.train.elastic import resume_point
 from amint_dist.train.ema import make_ema, refuse_ema_under_zero3
 from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.exposure_trace import ExposureTrace
@@ -75,9 +76,10 @@ def train(cfg: Mapping[str, Any]) -> Path:
         ema = make_ema(config.train.ema, accelerator.unwrap_model(model), accelerator.device)
         _check_precision(config, accelerator, model, data_config["input_size"])
         trail = AuditTrail(run_dir, sha256_file(Path(config.data.root) / "splits.json"), Signer.from_env())
-        state, ledger, resumed = _start(config, accelerator, run_dir, manifest["counts"], trail)
-        _record_start(cfg, accelerator, run_dir, trail, state, resumed, model_cfg)
-        trace = ExposureTrace(run_dir, accelerator.process_index, state.step) if config.train.exposure_log else None
+        state, ledger, resumed, elastic = _start(config, accelerator, run_dir, manifest["counts"], trail)
+        _record_start(cfg, accelerator, run_dir, trail, state, resumed, model_cfg, elastic)
+        trace = ExposureTrace(run_dir, accelerator.process_index, state.step,
+                              accelerator.num_processes) if config.train.exposure_log else None
         monitor = Monitor(run_dir, accelerator.is_main_process, resume_at=(state.step, state.epoch) if resumed else None)
         reporter = Reporter(monitor, SkipBudget.for_dataset(config.data.max_skip_fraction, manifest),
                             partial(reduce_sum, accelerator), accelerator.num_processes)
@@ -132,28 +134,35 @@ def _refuse_compile_under_zero3(config: JobConfig, accelerator: Accelerator) -> 
 
 
 def _start(config: JobConfig, accelerator: Accelerator, run_dir: Path, counts: Mapping[str, int],
-           trail: AuditTrail) -> tuple[TrainState, ExposureLedger, Path | None]:
+           trail: AuditTrail) -> tuple[TrainState, ExposureLedger, Path | None, dict]:
     """Fresh state for a new run dir, or (verified against the audit trail) the latest checkpoint's with
-    ``resume=latest``; the third value is the checkpoint resumed from."""
+    ``resume=latest`` (at another world size mid-epoch: the newest epoch-boundary checkpoint, ``train.elastic``);
+    the third value is the checkpoint resumed from, the fourth the record of a world-size change."""
     sizes = {split: int(n) for split, n in counts.items()}
     if not config.resume:
-        return TrainState(world_size=accelerator.num_processes), ExposureLedger(sizes), None
+        return TrainState(world_size=accelerator.num_processes), ExposureLedger(sizes), None, {}
     path = latest_checkpoint(run_dir) if config.resume == "latest" else Path(config.resume)
     if path is None:
         raise FileNotFoundError(f"resume={config.resume}: no checkpoint under {run_dir / 'checkpoints'}")
+    path = resume_point(path, accelerator.num_processes)
     accelerator.print(f"resuming from {path}")
-    state, ledger = load_checkpoint(accelerator, path, sizes, trail)
+    state, ledger, elastic = load_checkpoint(accelerator, path, sizes, trail)
+    if elastic:
+        accelerator.print(f"resumed {path.name} (world size {elastic['from_world_size']}) at world size "
+                          f"{accelerator.num_processes} from epoch {state.epoch}'s start; optimizer state "
+                          f"{elastic['optimizer_state']}")
     accelerator.wait_for_everyone()  # every rank has loaded before rank 0 clears what the killed run left
     if accelerator.is_main_process:
         for stale in clean_partials(run_dir):
             log.info("removed %s (half written by an interrupted run)", stale)
-    return state, ledger, path
+    return state, ledger, path, elastic
 
 
 def _record_start(cfg: Mapping[str, Any], accelerator: Accelerator, run_dir: Path, trail: AuditTrail,
-                  state: TrainState, resumed: Path | None, model_cfg: ModelConfig) -> None:
+                  state: TrainState, resumed: Path | None, model_cfg: ModelConfig, elastic: dict) -> None:
     """Rank 0: the resolved config (``cfg`` as composed, saved once), provenance (command, versions, git, host,
-    time) and the trail's start entry (with the starting weights' file and sha256) or resume entry."""
+    time) and the trail's start entry (with the starting weights' file and sha256) or resume entry (with
+    ``elastic``: the world size resumed from, the loaded parameters' sha256 and the optimizer state's fate)."""
     if not accelerator.is_main_process:
         return
     if not (run_dir / "config.yaml").exists():
@@ -162,7 +171,8 @@ def _record_start(cfg: Mapping[str, Any], accelerator: Accelerator, run_dir: Pat
     if resumed is None:
         trail.start(run_dir / "config.yaml", accelerator.num_processes, init=init_record(model_cfg))
     else:
-        trail.append("resume", checkpoint=resumed.name, step=state.step, world_size=accelerator.num_processes)
+        trail.append("resume", checkpoint=resumed.name, step=state.step, world_size=accelerator.num_processes,
+                     **elastic)
 
 
 def _stop(trainer: Trainer, signal_name: str) -> None:

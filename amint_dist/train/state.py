@@ -17,6 +17,9 @@ class TrainState:
     world_size: int = 1
     epoch_skipped: list[list[str]] = field(default_factory=list)  # [key or shard, reason] of this epoch, all ranks
     balancer: dict | None = None  # mint.balancer=famo: its task-weight logits and their Adam state
+    # added to ``step`` for the LR schedule and the run's end (``train.max_steps`` included): 0 but after a resume at
+    # another world size, whose steps per epoch differ (None: set by the trainer at that epoch boundary)
+    schedule_shift: int | None = 0
 
     def count_skips(self, reasons: Counter) -> None:
         """Add skipped-sample counts (already summed over ranks)."""

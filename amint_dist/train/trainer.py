@@ -77,6 +77,8 @@ class Trainer:
         self.total_steps = tcfg.epochs * self._trained_batches() // tcfg.grad_accum
         if tcfg.max_steps > 0:
             self.total_steps = min(self.total_steps, tcfg.max_steps)
+        if state.schedule_shift is None:  # resumed at another world size: schedule as if always at this one
+            state.schedule_shift = state.epoch * self._trained_batches() // tcfg.grad_accum - state.step
         steps_per_epoch = max(1, len(streams["members"]) // tcfg.grad_accum)
         self.warmup = round(config.optim.warmup_epochs * steps_per_epoch)
         mcfg = config.mint
@@ -184,7 +186,7 @@ class Trainer:
     def lr(self) -> float:
         """The learning rate of the next optimizer step."""
         ocfg = self.config.optim
-        return lr_at(self.state.step, self.total_steps, ocfg.lr, self.warmup, ocfg.min_lr)
+        return lr_at(self.schedule_step(), self.total_steps, ocfg.lr, self.warmup, ocfg.min_lr)
 
     def _set_norms(self, parts: LossParts) -> None:
         values = torch.tensor([parts.task.item(), parts.mint.item() if parts.mint is not None else 1.0], dtype=torch.float64)
@@ -199,7 +201,7 @@ class Trainer:
 
     def fit(self) -> None:
         """Train to ``train.epochs`` (or ``train.max_steps``), checkpoint the end and close the exposure trace."""
-        with tqdm(total=self.total_steps, initial=self.state.step, disable=not self.accelerator.is_main_process,
+        with tqdm(total=self.total_steps, initial=self.schedule_step(), disable=not self.accelerator.is_main_process,
                   desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
             self._epochs(bar)  # the bar ends its line even when training raises
         self.checkpoint()
@@ -242,7 +244,11 @@ class Trainer:
             self.checkpoint()
 
     def done(self) -> bool:
-        return self.stopped or self.state.step >= self.total_steps
+        return self.stopped or self.schedule_step() >= self.total_steps
+
+    def schedule_step(self) -> int:
+        """The step of an uninterrupted run at this world size (``TrainState.schedule_shift``)."""
+        return self.state.step + self.state.schedule_shift
 
     def _position(self) -> tuple[int, int, int]:
         return self.state.step, self.state.epoch, self.state.batch_in_epoch
