@@ -9,7 +9,7 @@ run logged after its checkpoint are hidden and replaced by the replay's: one poi
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,15 @@ class Monitor:
             kept = [line for line in complete_lines(self.metrics_path) if _epoch_of(line) < epoch]
             atomic_write_text(self.metrics_path, "".join(kept))
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=purge) if enabled else None
+        self.forward: Callable[..., None] | None = None  # optional trackers: (values, step=step), train.log_with
+
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if self.writer:
             for name, value in values.items():
                 self.writer.add_scalar(name, value, step)
+        if self.forward:
+            self.forward(dict(values), step=step)
 
     def histogram(self, name: str, values: np.ndarray, step: int) -> None:
         if self.writer and len(values):

@@ -9,6 +9,7 @@ from typing import Literal
 from amint_dist.config import Config, ConfigError, option
 from amint_dist.data.config import DataConfig
 from amint_dist.models.config import MintConfig, ModelConfig
+from amint_dist.train.trackers import tracker_problem
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TrainConfig(Config):
     cutmix: float = option(0.0, lo=0, help="refused when > 0, like mixup")
     seed: int = option(0, lo=0, help="model init, reader shuffles, shifted negatives")
     log_every: int = option(10, lo=1, help="optimizer steps between TensorBoard points")
+    log_with: list = option([], help="Accelerate trackers beside TensorBoard, e.g. [mlflow] or [wandb]; []: none")
     ckpt_every_steps: int = option(0, lo=0, help="optimizer steps between checkpoints; 0: epoch ends and the end")
     ckpt_every_epochs: int = option(10, lo=0, help="epochs between checkpoints; 0: none at epoch ends")
     keep_checkpoints: int = option(2, lo=0, help="complete checkpoints kept (0: all)")
@@ -69,6 +71,10 @@ class TrainConfig(Config):
         if self.mixup or self.cutmix:  # a blended member is no sample the ledger or the audit can name
             raise ConfigError(f"train.mixup={self.mixup}, train.cutmix={self.cutmix}: batch mixing is refused, members "
                               "must stay identifiable (see docs/distributed.md, 'Mixup and CutMix'); set both to 0")
+        self.log_with = [str(name) for name in self.log_with]
+        problem = tracker_problem(self.log_with)
+        if problem:
+            raise self.error("log_with", problem)
 
 
 @dataclass

@@ -43,6 +43,7 @@ from amint_dist.train.reporting import Reporter
 from amint_dist.train.skips import SkipBudget
 from amint_dist.train.state import TrainState
 from amint_dist.train.streams import check_dataset_fit, make_streams
+from amint_dist.train.trackers import start_trackers
 from amint_dist.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
         trace = ExposureTrace(run_dir, accelerator.process_index, state.step,
                               accelerator.num_processes) if config.train.exposure_log else None
         monitor = Monitor(run_dir, accelerator.is_main_process, resume_at=(state.step, state.epoch) if resumed else None)
+        start_trackers(accelerator, config.train.log_with, run_dir, cfg, monitor)
         reporter = Reporter(monitor, SkipBudget.for_dataset(config.data.max_skip_fraction, manifest),
                             partial(reduce_sum, accelerator), accelerator.num_processes)
         with StopSignals(accelerator.num_processes) as stop:
@@ -194,4 +196,5 @@ def _finish(trainer: Trainer) -> None:
                              ledger_sha256=summed.digest(), weights_sha256=sha256_file(run_dir / "model.safetensors"),
                              model_config_sha256=sha256_file(run_dir / "model_config.json"), **ema)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # the train.log_with trackers, if any
     trainer.reporter.monitor.close()
