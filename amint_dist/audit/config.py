@@ -79,6 +79,8 @@ class AuditConfig(Config):
                           help="the suspect set test's level: verdict 'used' when the aMINT p-value is below it")
     passive: PassiveConfig = option(PassiveConfig(), help="the passive MINT baseline (audit.passive.*)")
     reference_runs: list = option([], help="reference run dirs (data.subset runs) for LiRA, RMIA and aMINT-LR")
+    plain_run: str | None = option(None, help="a mint.mode=off run of the same recipe and root: the population "
+                                              "attacks against it beside the audited model (the privacy cost)")
     rmia_gamma: float = option(1.0, lo=0, lo_open=True, help="RMIA: a population sample counts when LR(x, z) > gamma")
     rmia_offline_a: float = option(0.3, lo=0, hi=1, help="offline RMIA: p(x) ~ ((1+a) p_out(x) + (1-a)) / 2")
     blind: bool = option(True, help="the blind (model-free, pixels only) baseline in every protocol")

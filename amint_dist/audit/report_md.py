@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from amint_dist.audit.fixed_fpr import fixed_fpr_markdown
+from amint_dist.audit.baselines import BASELINES
 from amint_dist.audit.suspect import suspect_markdown, suspect_verdict
 
 TABLE_METRICS = {"auc": "AUC", "balanced_accuracy": "bal. acc", "tpr_at_1pct_fpr": "TPR@1%FPR"}
@@ -39,6 +40,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += fixed_fpr_markdown(name, protocol.get("fixed_fpr") or {}) or ["Not measurable (one class only).", ""]
     lines += _metrics_table(protocols)
     lines += suspect_markdown(suspect) if suspect else []
+    lines += privacy_cost_markdown(report["privacy_cost"]) if report.get("privacy_cost") else []
     lines += ["## Notes", "", *(f"- {note}" for note in report["notes"])]
     return "\n".join(lines) + "\n"
 
@@ -157,3 +159,16 @@ def integrity_notes(integrity: Mapping[str, Any]) -> list[str]:
         notes.append("checkpoints not in the audit trail (written by an interrupted attempt, never resumed from): "
                      + ", ".join(integrity["unrecorded_checkpoints"]))
     return notes
+
+
+def privacy_cost_markdown(section: Mapping) -> list[str]:
+    """report.md's table: each population attack's AUC on the audited vs the plain model."""
+    protocols = section["protocols"]
+    lines = ["## Privacy cost for the owner: population attacks, aMINT model vs plain model", "",
+             f"Plain model: `{section['plain_run']}` (mint.mode=off, same root; integrity {section['integrity']}).",
+             "", "| attack | " + " | ".join(f"{p} aMINT model | {p} plain model" for p in protocols) + " |",
+             "|---|" + "---|---|" * len(protocols)]
+    for method in BASELINES:
+        cells = [_cell(protocols[p][method][side]) for p in protocols for side in ("audited", "plain")]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, ""]

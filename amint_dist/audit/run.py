@@ -26,6 +26,7 @@ from amint_dist.audit.model_card import write_model_card
 from amint_dist.audit.model_file import load_file_inputs
 from amint_dist.audit.passive import fresh_head, train_passive
 from amint_dist.audit.power import audit_power
+from amint_dist.audit.privacy_cost import load_plain_run, privacy_cost, score_plain
 from amint_dist.audit.references import REFERENCE_METHODS
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, PROTOCOLS, build_protocol
 from amint_dist.audit.reader import SplitReader, process_state
@@ -99,6 +100,11 @@ def _audit(acfg: AuditConfig, run_dir: str | None, data_root: str | None, state:
     power = audit_power(acfg, inputs, model, partial(_eval_streams, acfg, state), list(scored), state.device,
                         autocast, gather_object, state.process_index, state.num_processes)
     power.add_to(scored)
+    plain = load_plain_run(acfg.plain_run, inputs, state.process_index, state.num_processes, gather_object,
+                           Verifier.from_env(acfg.public_key)) if acfg.plain_run else None
+    plain_scored = score_plain(plain, [PROTOCOLS[p][0] for p in protocols] + [NONMEMBER_SPLIT],
+                               partial(_eval_streams, acfg, state), state.device, autocast,
+                               gather_object) if plain is not None else {}
     out_dir = Path(acfg.out_dir or Path(run_dir) / "audit")
     if state.is_main_process:
         methods = [*names, *BASELINES, *power.methods]
@@ -134,6 +140,9 @@ def _audit(acfg: AuditConfig, run_dir: str | None, data_root: str | None, state:
             "passive_training": history,
             "protocols": results,
         }
+        if plain is not None:
+            report["privacy_cost"] = privacy_cost(plain, plain_scored, results, acfg.seed, acfg.calibration_fraction,
+                                                  acfg.n_boot)
         if acfg.suspect:
             report["suspect"] = _suspect(acfg, inputs, reader, scorer, names, scored, state, autocast, out_dir)
         write_outputs(out_dir, report, samples, Monitor(Path(run_dir or out_dir), True))
