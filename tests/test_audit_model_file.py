@@ -17,6 +17,7 @@ from conftest import prep_cfg
 from train_helpers import ENV, REPO, cli_error, run_train
 
 from amint_dist.audit.baselines import BASELINES
+from amint_dist.audit.blind import BLIND
 from amint_dist.audit.run import run_audit
 from amint_dist.data.prepare import prepare_dataset
 from amint_dist.io import sha256_file
@@ -78,7 +79,7 @@ def test_a_model_file_is_audited_by_name_with_passive_mint_and_baselines(trained
     assert report["audited"]["run_dir"] is None and report["audited"]["weights_file"] == str(trained["pth"])
     assert report["audited"]["model"]["weights_sha256"] == sha256_file(trained["pth"])
     assert report["ledger"] is False and report["integrity"]["status"] == "absent"
-    assert list(report["protocols"]["seen"]["methods"]) == ["passive", *BASELINES]  # no aMINT head in the file
+    assert list(report["protocols"]["seen"]["methods"]) == ["passive", *BASELINES, BLIND]  # no aMINT head in the file
     assert len(report["passive_training"]) == 2
     text = (file_audit / "report.md").read_text()
     assert "Integrity: **NOT established** (a model file audited by name" in text
@@ -106,7 +107,7 @@ def test_timm_checkpoints_and_safetensors_load_the_same_weights(trained, file_au
                                                     "transform": {"crop_pct": 1.0, "interpolation": "bilinear"}}}}
     run_audit(cfg)
     report = json.loads((out / "report.json").read_text())
-    assert list(report["protocols"]["seen"]["methods"]) == list(BASELINES)  # passive off: the baselines alone
+    assert list(report["protocols"]["seen"]["methods"]) == [*BASELINES, BLIND]  # passive off: baselines + blind
     assert report["audited"]["model"]["weights_sha256"] == sha256_file(trained[kind])
     np.testing.assert_allclose(scores_of(out)["seen/loss"], scores_of(file_audit)["seen/loss"], rtol=1e-6)
 
