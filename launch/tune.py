@@ -2,7 +2,8 @@
 ``python launch/tune.py SWEEP_DIR [--max-task-drop 0.01]`` -> SWEEP_DIR/tuning.md and tuning.json.
 
 Make the sweep first, every run scored on validation only (the audit is not needed to choose):
-``python launch/train.py -m run.dir=SWEEP_DIR run.audit=false run.validate=true mint.mode=off,active ...``
+``python launch/train.py -m run.dir=SWEEP_DIR run.audit=false run.validate=true mint.mode=off,active train.seed=0,1 ...``
+Runs that differ only in ``train.seed`` are one point of the table, scored by their means.
 """
 
 import argparse
