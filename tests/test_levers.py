@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from test_distributed import launcher
 from train_helpers import run_quick_audit, run_train
 
+from amint_dist.api import AMintLoss
 from amint_dist.config import ConfigError
 from amint_dist.models.config import MintConfig, PerturbConfig
 from amint_dist.train.losses import hard_negative_weights, mint_loss
@@ -78,6 +79,19 @@ def test_focal_loss_has_finite_gradients_where_rows_are_certain():
     logit = torch.tensor([200.0, -200.0, 0.0], requires_grad=True)  # BCE rounds to exactly 0 on the first two
     mint_loss(logit, torch.tensor([True, False, True]), torch.ones(3, dtype=torch.bool), focal_gamma=0.5).backward()
     assert torch.isfinite(logit.grad).all() and logit.grad[2] != 0
+
+
+def test_api_loss_takes_the_levers():
+    """api.AMintLoss with focal_gamma and hard negatives: task CE plus the trainer's MINT loss with the same options."""
+    logits, mint = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([2.0, 1, 0, 3, -1, 0.5])
+    labels, member = torch.tensor([0, 1, 2, 3, 0, 1]), torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    options = {"member_weight": 0.5, "focal_gamma": 1.0, "hard_fraction": 0.34, "hard_weight": 3.0}
+    loss = AMintLoss(normalize=False, mint_weight=2.0, **options)(logits, mint, labels, member)
+    expected = F.cross_entropy(logits[:3], labels[:3]) + 2.0 * mint_loss(mint, member, torch.ones(6, dtype=torch.bool),
+                                                                         **options)
+    assert torch.isclose(loss, expected)
+    assert not torch.isclose(expected, F.cross_entropy(logits[:3], labels[:3]) + 2.0 * mint_loss(
+        mint, member, torch.ones(6, dtype=torch.bool), member_weight=0.5))
 
 
 # ---- perturbed copies ----
