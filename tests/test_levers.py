@@ -19,7 +19,11 @@ from amint_dist.api import AMintLoss
 from amint_dist.config import ConfigError
 from amint_dist.models.config import MintConfig, PerturbConfig
 from amint_dist.train.losses import hard_negative_weights, mint_loss
-from amint_dist.train.negatives import negatives_generator, perturbed_copies, shifted_batch
+from amint_dist.train.negatives import (
+    negatives_generator,
+    perturbed_copies,
+    shifted_batch,
+)
 
 LEVERS = ("mint.member_shift=1", "mint.member_perturb.rotate_deg=10", "mint.member_perturb.scale=0.1",
           "mint.member_perturb.subpixel=0.5", "mint.member_perturb.noise=0.1", "mint.hard_negatives.fraction=0.25",
@@ -176,7 +180,7 @@ def test_run_with_every_lever_trains_resumes_exactly_and_audits(tmp_path, train_
     run_train(tmp_path / "resumed", train_root, *LEVERS, "train.max_steps=2")
     run_train(tmp_path / "resumed", train_root, *LEVERS, "train.max_steps=4", "resume=latest")
     run_train(tmp_path / "shift_only", train_root, *LEVERS[:1], *LEVERS[-2:], "train.max_steps=4")
-    straight, resumed, shift_only = (weights(tmp_path / r) for r in ("straight", "resumed", "shift_only"))
+    straight, shift_only = weights(tmp_path / "straight"), weights(tmp_path / "shift_only")
     assert all(torch.isfinite(v).all() for v in straight.values())
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
     assert not all(torch.equal(straight[k], shift_only[k]) for k in straight)
