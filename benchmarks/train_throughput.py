@@ -107,7 +107,7 @@ def step_sizes(cfg: JobConfig, split_sizes: dict[str, int]) -> dict[str, int]:
 
 
 def shifted_parts(cfg: JobConfig) -> list[str]:
-    """Splits whose shifted copies the trainer adds as extra MINT negatives (mint.member_shift / external_shift)."""
+    """Splits whose copies the trainer adds as MINT negatives (mint.member_shift / external_shift / member_perturb)."""
     return list(cfg.mint.shifts())
 
 

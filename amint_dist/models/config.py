@@ -54,6 +54,30 @@ class HeadConfig(Config):
 
 
 @dataclass
+class PerturbConfig(Config):
+    section = "mint.member_perturb"
+
+    rotate_deg: float = option(0.0, lo=0, hi=45, help="member-negative copies rotated by up to this many degrees")
+    scale: float = option(0.0, lo=0, hi=0.5, help="member-negative copies zoomed by a factor 1 +- up to this")
+    subpixel: float = option(0.0, lo=0, hi=1, help="member-negative copies translated by up to this many pixels, "
+                                                   "bilinear (on top of mint.member_shift's whole pixels)")
+    noise: float = option(0.0, lo=0, help="std of Gaussian noise added to member-negative copies (normalised units)")
+
+    @property
+    def on(self) -> bool:
+        return bool(self.rotate_deg or self.scale or self.subpixel or self.noise)
+
+
+@dataclass
+class HardNegativesConfig(Config):
+    section = "mint.hard_negatives"
+
+    fraction: float = option(0.0, lo=0, hi=1, help="share of a micro-batch's negative rows, highest MINT logit first, "
+                                                   "that weigh mint.hard_negatives.weight in the MINT loss (0: off)")
+    weight: float = option(1.0, lo=0, lo_open=True, help="weight of those hard negative rows (the others weigh 1)")
+
+
+@dataclass
 class MintConfig(Config):
     section = "mint"
 
@@ -67,6 +91,11 @@ class MintConfig(Config):
     member_shift: int = option(0, lo=0, help="> 0: members shifted by up to this many pixels are extra MINT negatives")
     external_shift: int = option(0, lo=0, help="> 0: the same for external samples")
     member_weight: float = option(1.0, lo=0, lo_open=True, help="weight of member rows in the MINT BCE")
+    member_perturb: PerturbConfig = option(
+        PerturbConfig(), help="perturbed member copies as extra MINT negatives (mint.member_perturb.*)")
+    hard_negatives: HardNegativesConfig = option(
+        HardNegativesConfig(), help="more weight on the negatives scored most member-like (mint.hard_negatives.*)")
+    focal_gamma: float = option(0.0, lo=0, help="focal MINT loss (1 - p_true)^gamma * BCE; 0: plain BCE")
     balancer: Literal["fixed", "famo"] = option(
         "fixed", help="fixed: task_weight and weight | famo: FAMO's adaptive weights, starting from them")
     famo_lr: float = option(0.025, lo=0, lo_open=True, help="learning rate of FAMO's task-weight logits (Adam)")
@@ -91,7 +120,8 @@ class MintConfig(Config):
         return self.mode != "off"
 
     def shifts(self, positives: tuple[str, ...] = ("members",)) -> dict[str, int]:
-        """Split -> max shift of its shifted copies (extra MINT negatives); only the splits that get them.
-        ``positives``: the splits ``member_shift`` applies to (a reference run's pool)."""
+        """Split -> max shift of its copies (extra MINT negatives; 0: perturbed only); only the splits that get
+        them. ``positives``: the splits ``member_shift`` and ``member_perturb`` apply to (a reference run's pool)."""
         shifts = {**{split: self.member_shift for split in positives}, "external": self.external_shift}
-        return {split: s for split, s in shifts.items() if s} if self.on else {}
+        copied = {split for split, s in shifts.items() if s} | (set(positives) if self.member_perturb.on else set())
+        return {split: s for split, s in shifts.items() if split in copied} if self.on else {}

@@ -56,7 +56,7 @@ class TrainConfig(Config):
     label_smoothing: float = option(0.0, lo=0, hi=1, hi_open=True, help="task cross-entropy label smoothing")
     mixup: float = option(0.0, lo=0, help="refused when > 0: a blended member is no member")
     cutmix: float = option(0.0, lo=0, help="refused when > 0, like mixup")
-    seed: int = option(0, lo=0, help="model init, reader shuffles, shifted negatives")
+    seed: int = option(0, lo=0, help="model init, reader shuffles, shifted and perturbed negatives")
     log_every: int = option(10, lo=1, help="optimizer steps between TensorBoard points")
     log_with: list = option([], help="Accelerate trackers beside TensorBoard, e.g. [mlflow] or [wandb]; []: none")
     ckpt_every_steps: int = option(0, lo=0, help="optimizer steps between checkpoints; 0: epoch ends and the end")

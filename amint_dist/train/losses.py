@@ -1,7 +1,9 @@
-"""The aMINT multi-task loss: task CE on trained rows, MINT BCE on members (1) vs external (0)."""
+"""The aMINT multi-task loss: task CE on trained rows, MINT BCE on members (1) vs external (0), optionally focal and
+with hard negatives weighted up."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +22,31 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, la
     return _masked_mean(losses, mask)
 
 
-def mint_loss(mint_logit: torch.Tensor, is_member: torch.Tensor, mask: torch.Tensor,
-              member_weight: float = 1.0) -> torch.Tensor:
-    """Binary cross-entropy of the membership logit over the rows in ``mask``; member rows weigh ``member_weight``."""
-    losses = F.binary_cross_entropy_with_logits(mint_logit.float(), is_member.float(), reduction="none")
-    return _masked_mean(losses, mask, torch.where(is_member, member_weight, 1.0))
+def mint_loss(mint_logit: torch.Tensor, is_member: torch.Tensor, mask: torch.Tensor, member_weight: float = 1.0,
+              focal_gamma: float = 0.0, hard_fraction: float = 0.0, hard_weight: float = 1.0) -> torch.Tensor:
+    """Binary cross-entropy of the membership logit, weighted mean over the rows in ``mask``: member rows weigh
+    ``member_weight``, the hard negatives (:func:`hard_negative_weights`) ``hard_weight``, the others 1.
+    ``focal_gamma`` > 0: each row's BCE times (1 - p_true)^gamma (focal loss; p_true = exp(-BCE))."""
+    logit = mint_logit.float()
+    losses = F.binary_cross_entropy_with_logits(logit, is_member.float(), reduction="none")
+    if focal_gamma:
+        losses = (-torch.expm1(-losses)).clamp(min=1e-12) ** focal_gamma * losses  # clamp: no inf gradient at 0
+    weights = torch.where(is_member, member_weight, 1.0)
+    if hard_fraction and hard_weight != 1.0:
+        weights = weights * hard_negative_weights(logit, mask & ~is_member, hard_fraction, hard_weight)
+    return _masked_mean(losses, mask, weights)
+
+
+@torch.no_grad()
+def hard_negative_weights(logit: torch.Tensor, negatives: torch.Tensor, fraction: float, weight: float) -> torch.Tensor:
+    """``weight`` on the top ceil(``fraction`` x count) of the ``negatives`` rows by ``logit`` (ties: the earlier
+    row), 1 on every other row; no host sync, no gradient."""
+    scores = logit.detach().float().masked_fill(~negatives, -math.inf)
+    order = scores.argsort(descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device)
+    top = torch.ceil(negatives.sum(dtype=torch.float64) * fraction - 1e-6)  # 10 x 0.3 is 3.0000000000000004
+    return torch.where(negatives & (rank < top), weight, 1.0)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,9 +61,11 @@ class AMintLoss:
     ranks and ``set_norms`` first, as the trainer does)."""
 
     def __init__(self, task_weight: float = 1.0, mint_weight: float = 1.0, normalize: bool = True,
-                 member_weight: float = 1.0):
+                 member_weight: float = 1.0, focal_gamma: float = 0.0, hard_fraction: float = 0.0,
+                 hard_weight: float = 1.0):
         self.combine = LossCombiner(task_weight, mint_weight, normalize)
-        self.member_weight = member_weight
+        self.mint_options = {"member_weight": member_weight, "focal_gamma": focal_gamma,
+                             "hard_fraction": hard_fraction, "hard_weight": hard_weight}
 
     def __call__(self, logits: torch.Tensor, mint_logit: torch.Tensor | None, labels: torch.Tensor,
                  is_member: torch.Tensor, task_mask: torch.Tensor | None = None,
@@ -50,7 +74,7 @@ class AMintLoss:
             task_loss(logits, labels, is_member if task_mask is None else task_mask),
             None if mint_logit is None else mint_loss(
                 mint_logit, is_member, torch.ones_like(is_member) if mint_mask is None else mint_mask,
-                self.member_weight))
+                **self.mint_options))
         if self.combine.norms is None:
             self.combine.set_norms(parts.task.item(), 1.0 if parts.mint is None else parts.mint.item())
         return self.combine(parts)

@@ -25,13 +25,13 @@ from amint_dist.data.pipeline import ShardedSplitStream, make_loader
 from amint_dist.dist import mean_over_ranks, reduce_sum, tensors_sha256
 from amint_dist.records.trail import AuditTrail
 from amint_dist.train.balancer import Famo
-from amint_dist.train.batches import CyclingBatches, combine
+from amint_dist.train.batches import SHIFTED, CyclingBatches, combine
 from amint_dist.train.checkpoint import load_rank_state, save_checkpoint
 from amint_dist.train.config import JobConfig
 from amint_dist.train.ema import EMA_CHECKPOINT_FILE, ema_file_bytes, load_ema
 from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.losses import LossCombiner, LossParts, mint_loss, task_loss
-from amint_dist.train.negatives import shifted_batch
+from amint_dist.train.negatives import negatives_generator, shifted_batch
 from amint_dist.train.preemption import StopSignals
 from amint_dist.train.reporting import Reporter
 from amint_dist.train.resources import resource_scalars
@@ -119,13 +119,16 @@ class Trainer:
         return {split: {**b, "image": self.device_transform(b["image"], f"{seed}:{split}")} for split, b in parts.items()}
 
     def with_negatives(self, parts: Mapping[str, dict]) -> dict[str, dict]:
-        """``parts`` plus shifted copies (``mint.member_shift`` / ``external_shift``), seeded by the position."""
-        shifts = self.config.mint.shifts(self.positives)
+        """``parts`` plus shifted and perturbed copies (``mint.member_shift`` / ``external_shift`` /
+        ``member_perturb``), seeded by the position."""
+        mcfg = self.config.mint
+        shifts = mcfg.shifts(self.positives)
         if not shifts:
             return dict(parts)
-        gen = torch.Generator().manual_seed(hash((self.config.train.seed, self.state.step, self.state.batch_in_epoch,
-                                                  self.accelerator.process_index)))
-        return {**parts, **{f"{split}_shifted": shifted_batch(parts[split], shift, gen)
+        gen = negatives_generator(self.config.train.seed, self.state.step, self.state.batch_in_epoch,
+                                  self.accelerator.process_index)
+        return {**parts, **{f"{split}{SHIFTED}": shifted_batch(parts[split], shift, gen,
+                                                               mcfg.member_perturb if split in self.positives else None)
                             for split, shift in shifts.items()}}
 
     def step(self, parts: Mapping[str, dict], data_wait: float = 0.0) -> StepOutput:
@@ -180,7 +183,8 @@ class Trainer:
         tcfg, mcfg = self.config.train, self.config.mint
         return LossParts(
             task_loss(logits, batch["label"], batch["task_mask"], tcfg.label_smoothing),
-            mint_loss(mint_logit, batch["is_member"], batch["mint_mask"], mcfg.member_weight) if mcfg.on else None,
+            mint_loss(mint_logit, batch["is_member"], batch["mint_mask"], mcfg.member_weight, mcfg.focal_gamma,
+                      mcfg.hard_negatives.fraction, mcfg.hard_negatives.weight) if mcfg.on else None,
         )
 
     def lr(self) -> float:
