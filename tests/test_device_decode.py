@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import prep_cfg, write_wds_source
 from PIL import Image
+from reliability_helpers import keys_of, metrics
 from test_bad_data import middle_key, rewrite_tar
 from torchvision.transforms.v2.functional import pil_to_tensor
 from train_helpers import TINY, cli_error, load_npz, run_train
@@ -21,7 +22,6 @@ from amint_dist.data.images import DEFAULT_MAX_PIXELS, decode_image
 from amint_dist.data.pipeline import ShardedSplitStream, SplitShards, make_loader
 from amint_dist.data.samples import seeded_rng
 from amint_dist.data.transforms import make_transform
-from reliability_helpers import keys_of, metrics
 
 DATA_CONFIG = {"input_size": (3, 16, 16), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
                "std": (0.229, 0.224, 0.225), "crop_pct": 0.875}
