@@ -4,10 +4,13 @@ Worker sides (this process, one torch thread, alternated A/B/A/B; CPU seconds ar
 ``float32`` = decode + timm's DeiT training transform (random resized crop, flip, RandAugment
 rand-m9-mstd0.5-inc1, ToTensor, Normalize, random erasing 0.25 pixel), what the workers do today;
 ``uint8`` = decode + random resized crop + flip to a uint8 tensor (``make_transform(..., uint8=True)``), what
-they do with ``data.device_transform=true``; ``decode`` = the JPEG decode alone (the floor of any worker).
-Device side: the moved half (``DeviceTransform``: RandAugment per sample, float, normalise, random erasing) on
-batches of the uint8 crops, on this process's CPU (``--device-threads``) and on CUDA when there is one: the
-augmentation moved there, it did not vanish. Bytes per batch: the image tensor a worker ships, per batch.
+they do with ``data.device_transform=true``; ``bytes`` = the header check and the encoded bytes as a uint8
+tensor, what they do with ``data.decode=device`` too; ``decode`` = the JPEG decode alone (the floor of a
+worker that decodes).
+Device sides: the moved half (``DeviceTransform``: RandAugment per sample, float, normalise, random erasing) on
+batches of the uint8 crops (``uint8``), and with the decode, crop and flip before it (``DeviceDecode``: batched
+``decode_jpeg``; ``bytes``), on this process's CPU (``--device-threads``) and on CUDA when there is one: the work
+moved there, it did not vanish. Bytes per batch: the image tensor a worker ships, per batch.
 
     python benchmarks/device_augment.py                    # 256 generated 448x448 JPEGs -> 224x224, 4 rounds
     python benchmarks/device_augment.py --n 512 --rounds 6 --size 500
@@ -22,8 +25,9 @@ import numpy as np
 import torch
 
 from _record import alternate, record, set_threads, verdict
+from amint_dist.data.device_decode import DeviceDecode
 from amint_dist.data.device_transform import DeviceTransform
-from amint_dist.data.images import DEFAULT_MAX_PIXELS, decode_image
+from amint_dist.data.images import DEFAULT_MAX_PIXELS, check_header, decode_image
 from amint_dist.data.samples import seeded_rng
 from amint_dist.data.transforms import make_transform
 from data_throughput import natural_ish_jpeg
@@ -44,20 +48,40 @@ def worker_side(payloads: list[bytes], transform) -> int:
     return len(payloads)
 
 
-def device_side(crops: torch.Tensor, transform: DeviceTransform, batch_size: int) -> int:
-    """The moved half on every batch of ``crops``; samples done (CUDA synchronised)."""
-    for start in range(0, len(crops), batch_size):
-        transform(crops[start:start + batch_size], f"bench:{start}")
+def bytes_side(payloads: list[bytes]) -> int:
+    """What a ``data.decode=device`` worker does per sample: the header check, the bytes as a uint8 tensor."""
+    for payload in payloads:
+        check_header(payload, DEFAULT_MAX_PIXELS)
+        torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    return len(payloads)
+
+
+def encoded_batch(payloads: list[bytes]) -> dict:
+    """A reader batch under ``data.decode=device``: the encoded images, every row valid."""
+    return {"image": [torch.frombuffer(bytearray(p), dtype=torch.uint8) for p in payloads],
+            "valid": torch.ones(len(payloads), dtype=torch.bool), "key": [str(i) for i in range(len(payloads))],
+            "skipped": []}
+
+
+def device_side(batches: list, transform: DeviceTransform) -> int:
+    """The moved half on every batch (uint8 crops, or encoded batches when ``transform`` decodes); samples
+    done (CUDA synchronised)."""
+    n = 0
+    for b, batch in enumerate(batches):
+        if transform.decode is None:
+            n += len(transform(batch, f"bench:{b}"))
+        else:
+            n += len(transform.apply(batch, f"bench:{b}")["image"])
     if transform.device.type == "cuda":
         torch.cuda.synchronize()
-    return len(crops)
+    return n
 
 
-def device_seconds_per_sample(crops: torch.Tensor, transform: DeviceTransform, batch_size: int) -> dict:
+def device_seconds_per_sample(batches: list, transform: DeviceTransform) -> dict:
     """Wall and CPU seconds per sample of :func:`device_side` (after one warm-up pass)."""
-    device_side(crops, transform, batch_size)
+    device_side(batches, transform)
     wall, cpu = time.perf_counter(), time.process_time()
-    n = device_side(crops, transform, batch_size)
+    n = device_side(batches, transform)
     return {"wall_s_per_sample": round((time.perf_counter() - wall) / n, 6),
             "cpu_s_per_sample": round((time.process_time() - cpu) / n, 6)}
 
@@ -77,22 +101,32 @@ def main() -> None:
     data_config = deit_data_config(args.img_size)
     full, crop_only = make_transform(data_config, DEIT), make_transform(data_config, DEIT, uint8=True)
     sides = {"float32": lambda: worker_side(payloads, full), "uint8": lambda: worker_side(payloads, crop_only),
-             "decode": lambda: worker_side(payloads, lambda image: image)}
+             "bytes": lambda: bytes_side(payloads), "decode": lambda: worker_side(payloads, lambda image: image)}
     workers = alternate(sides, args.rounds)
     cpu_s = {name: round(1 / rate, 6) for name, rate in workers["samples_per_cpu_s"].items()}
     with seeded_rng("crops"):
         crops = torch.stack([crop_only(decode_image(b, DEFAULT_MAX_PIXELS)) for b in payloads])
     torch.set_num_threads(args.device_threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    moved = {d: device_seconds_per_sample(crops, DeviceTransform(data_config, DEIT, torch.device(d)), args.batch_size)
-             for d in devices}
+    size = args.batch_size
+    crop_batches = [crops[i:i + size] for i in range(0, len(crops), size)]
+    encoded = [encoded_batch(payloads[i:i + size]) for i in range(0, len(payloads), size)]
+    moved = {}
+    for d in devices:
+        device = torch.device(d)
+        moved[d] = device_seconds_per_sample(crop_batches, DeviceTransform(data_config, DEIT, device))
+        decode = DeviceDecode(data_config, DEIT, device)
+        moved[f"{d}_with_decode"] = device_seconds_per_sample(encoded, DeviceTransform(data_config, DEIT, device, decode))
     pixels = args.batch_size * 3 * args.img_size ** 2
     record("device_augment", {
         "n": args.n, "jpeg_size": args.size, "img_size": args.img_size, "batch_size": args.batch_size,
         "worker_cpu_s_per_sample": cpu_s, "workers": workers,
-        **verdict(workers, "float32", "uint8", 3.0, "uint8_to_float32"),
+        **verdict(workers, "float32", "bytes", 3.0, "bytes_to_float32"),
+        "ratio_uint8_to_float32": workers["paired_ratio_to_float32"]["uint8"],
+        "cpu_ratio_uint8_to_float32": workers["cpu_ratio_to_float32"]["uint8"],
         "device_side_per_sample": moved, "device_threads": args.device_threads,
-        "bytes_per_batch": {"float32": pixels * 4, "uint8": pixels},
+        "bytes_per_batch": {"float32": pixels * 4, "uint8": pixels,
+                            "bytes": sum(len(p) for p in payloads) * size // len(payloads)},
     })
 
 

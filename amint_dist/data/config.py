@@ -65,6 +65,9 @@ class DataConfig(Config):
     augment: dict = option({}, help="timm create_transform(is_training=True) options; empty: no augmentation")
     device_transform: bool = option(False, help="training loaders ship uint8 crops; RandAugment, normalisation and "
                                                 "random erasing run on the batch in the training step")
+    decode: Literal["worker", "device"] = option("worker", help="training images decoded by the loader workers, or "
+                                                 "(device: needs data.device_transform) as encoded bytes in the "
+                                                 "training step with the random resized crop and flip")
     subset: SubsetConfig | None = option(None, help="a reference run's member subset (data.subset.*); null: off")
 
     @property
@@ -80,6 +83,8 @@ class DataConfig(Config):
             self.fractions = validate_fractions({k: float(v) for k, v in self.fractions.items()})
         except ValueError as e:
             raise ConfigError(f"{self.key('fractions')}: {e}") from None
+        if self.decode == "device" and not self.device_transform:
+            raise self.error("decode", "device decoding needs data.device_transform=true")
         if self.device_transform:
             try:
                 rand_augment_options(self.augment.get("auto_augment"))

@@ -10,7 +10,7 @@ drawn from Python's and torch's RNGs seeded per batch, so a seed gives the same 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -54,10 +54,13 @@ def worker_augment(augment: Mapping[str, Any]) -> dict[str, Any]:
 
 class DeviceTransform:
     """uint8 image batch (N, C, H, W) -> float32 normalised batch on ``device``, augmented when ``augment`` holds
-    timm's RandAugment / random-erasing options (the ones :data:`MOVED_OPTIONS` names)."""
+    timm's RandAugment / random-erasing options (the ones :data:`MOVED_OPTIONS` names). ``decode``
+    (``data.decode=device``, a ``DeviceDecode``): reader batches of encoded images are decoded and cropped by it
+    first (:meth:`apply`)."""
 
-    def __init__(self, data_config: Mapping[str, Any], augment: Mapping[str, Any] | None, device: torch.device):
-        augment = dict(augment or {})
+    def __init__(self, data_config: Mapping[str, Any], augment: Mapping[str, Any] | None, device: torch.device,
+                 decode: Callable[[dict], dict] | None = None):
+        augment, self.decode = dict(augment or {}), decode
         self.device = torch.device(device)
         shape = (1, -1, 1, 1)
         self.mean = torch.tensor(data_config["mean"], device=self.device).view(shape)
@@ -72,6 +75,14 @@ class DeviceTransform:
     @property
     def augments(self) -> bool:
         return self.rand_augment is not None or self.erasing is not None
+
+    def apply(self, batch: dict, seed: str) -> dict:
+        """A reader batch with its images transformed (decoded and cropped first with ``decode``: rows that fail
+        to decode become invalid, their skips added to the batch's)."""
+        if self.decode is not None:
+            with _seeded(f"{seed}:crop", self.device):
+                batch = self.decode(batch)
+        return {**batch, "image": self(batch["image"], seed)}
 
     def __call__(self, images: torch.Tensor, seed: str) -> torch.Tensor:
         """The batch's float32 images, its random parameters drawn from ``seed`` (same seed, same batch)."""

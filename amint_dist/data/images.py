@@ -6,14 +6,16 @@ from __future__ import annotations
 import io
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp", "ppm", "tif", "tiff")
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
 TOO_LARGE = "image too large"
+T = TypeVar("T")
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
@@ -65,18 +67,34 @@ def decode_image(payload: bytes, max_pixels: int) -> Image.Image:
     ``Image.MAX_IMAGE_PIXELS`` is refused before any pixel is decoded. PIL's DecompressionBombWarning
     (also raised by some formats while decoding frames or tiles) is a refusal, never just a warning.
     """
+    return _intake(payload, max_pixels, lambda img: img.convert("RGB"))
+
+
+def check_header(payload: bytes, max_pixels: int) -> None:
+    """``payload``'s header parsed and its size checked as :func:`decode_image` does, no pixel decoded
+    (``data.decode=device``: the training step decodes); ImageRefused when either fails."""
+    _intake(payload, max_pixels, lambda img: None)
+
+
+def _intake(payload: bytes, max_pixels: int, then: Callable[[Image.Image], T]) -> T:
+    """``then(image)`` on the lazily opened, size-checked ``payload``; every failure an ImageRefused."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with _open(payload) as img:
                 _check_size(img.size, max_pixels)
-                return img.convert("RGB")
+                return then(img)
     except ImageRefused:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise ImageRefused(TOO_LARGE, _message(e)) from None
     except Exception as e:  # PIL raises many types for bad image bytes
-        raise ImageRefused(f"undecodable image ({type(e).__name__})", _message(e)) from None
+        raise ImageRefused(undecodable(e), _message(e)) from None
+
+
+def undecodable(error: BaseException) -> str:
+    """The skip reason of an image that failed to decode (counted by it: the exception's type, no details)."""
+    return f"undecodable image ({type(error).__name__})"
 
 
 def _open(payload: bytes) -> Image.Image:

@@ -103,7 +103,7 @@ class ShardedSplitStream(IterableDataset):
     def __init__(
         self,
         shards: SplitShards,
-        transform: Callable[[Image.Image], torch.Tensor],
+        transform: Callable[[Image.Image], torch.Tensor] | None,
         image_shape: tuple[int, int, int],
         batch_size: int,
         *,
@@ -117,7 +117,9 @@ class ShardedSplitStream(IterableDataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         """``num_classes``: labels outside [0, num_classes) are skipped ("label out of range"); ``max_pixels``
-        (``data.max_pixels``): larger images are skipped before decoding ("image too large")."""
+        (``data.max_pixels``): larger images are skipped before decoding ("image too large"). ``transform`` None
+        (``data.decode=device``): nothing is decoded, a batch's ``image`` is a list of the encoded bytes (1-D uint8
+        tensors, header-checked; empty for invalid rows)."""
         if batch_size < 1:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         self.shards, self.transform, self.image_shape = shards, transform, image_shape
@@ -175,12 +177,18 @@ class ShardedSplitStream(IterableDataset):
             yield self._collate(rows, skips)
 
     def _collate(self, rows: list[dict | None], skips: SkipLog) -> dict:
-        """Stack rows into a batch of ``batch_size``; undecodable rows (None) and padding are invalid."""
+        """Stack rows into a batch of ``batch_size``; undecodable rows (None) and padding are invalid. Encoded
+        images (no transform) stay a list: their lengths differ."""
         rows = rows + [None] * (self.batch_size - len(rows))
-        dtype = next((r["image"].dtype for r in rows if r), torch.float32)
-        blank = torch.zeros(self.image_shape, dtype=dtype)
+        if self.transform is None:
+            blank = torch.zeros(0, dtype=torch.uint8)
+            images: torch.Tensor | list[torch.Tensor] = [r["image"] if r else blank for r in rows]
+        else:
+            dtype = next((r["image"].dtype for r in rows if r), torch.float32)
+            blank = torch.zeros(self.image_shape, dtype=dtype)
+            images = torch.stack([r["image"] if r else blank for r in rows])
         return {
-            "image": torch.stack([r["image"] if r else blank for r in rows]),
+            "image": images,
             "label": torch.tensor([r["label"] if r else -1 for r in rows], dtype=torch.long),
             "index": torch.tensor([r["index"] if r else -1 for r in rows], dtype=torch.long),
             "valid": torch.tensor([r is not None for r in rows]),
@@ -230,13 +238,18 @@ ROW_FIELDS = ("label", "index", "valid")  # a batch's small per-row tensors
 def _to_wire(batch: dict) -> dict:
     """In a worker: the small per-row tensors as NumPy arrays, which cross to the main process inside the
     pickle. A tensor crosses as a shared-memory segment whose file descriptor is fetched over a fresh
-    socket connection (~0.7 ms each on 2 cores): one per batch (the images) instead of four."""
-    return {**batch, **{k: batch[k].numpy() for k in ROW_FIELDS}}
+    socket connection (~0.7 ms each on 2 cores): one per batch (the images) instead of four. Encoded images
+    (a list) cross pickled too, not as one segment each."""
+    images = batch["image"]
+    return {**batch, **{k: batch[k].numpy() for k in ROW_FIELDS},
+            "image": [i.numpy() for i in images] if isinstance(images, list) else images}
 
 
 def _from_wire(batch: dict) -> dict:
     """In the main process: the per-row tensors back (same dtypes and values, no copy)."""
-    return {**batch, **{k: torch.from_numpy(batch[k]) for k in ROW_FIELDS}}
+    images = batch["image"]
+    return {**batch, **{k: torch.from_numpy(batch[k]) for k in ROW_FIELDS},
+            "image": [torch.from_numpy(i) for i in images] if isinstance(images, list) else images}
 
 
 class _Loader(DataLoader):

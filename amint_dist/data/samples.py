@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from amint_dist.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageRefused, decode_image
+from amint_dist.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageRefused, check_header, decode_image
 
 log = logging.getLogger(__name__)
 SAFE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # what sources.sanitize_key produces: never a path
@@ -40,13 +40,14 @@ class SkipLog:
         return items
 
 
-def decode_sample(sample: dict, transform: Callable, skips: SkipLog, num_classes: int | None = None,
+def decode_sample(sample: dict, transform: Callable | None, skips: SkipLog, num_classes: int | None = None,
                   index_ranges: dict[str, range] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict | None:
     """Decode one raw WebDataset sample to a tensor row, or count it as skipped and return None.
 
     Nothing in a sample is trusted: a key outside the prepared charset (e.g. a path), a label outside
     [0, num_classes), an index outside its shard's range or an image of more than ``max_pixels`` is a skip,
-    not a crash, a wrong ledger entry or a huge allocation.
+    not a crash, a wrong ledger entry or a huge allocation. ``transform`` None (``data.decode=device``): the
+    image's header is checked and its encoded bytes are the row's image, a 1-D uint8 tensor.
     """
     key = sample.get("__key__", "?")
     if not isinstance(key, str) or not SAFE_KEY.fullmatch(key):
@@ -68,12 +69,14 @@ def decode_sample(sample: dict, transform: Callable, skips: SkipLog, num_classes
     if index_ranges is not None and index not in index_ranges.get(sample.get("__url__"), range(0)):
         skips.add(key, "index outside its shard")
         return None
+    payload = sample[ext]
     try:
-        rgb = decode_image(sample[ext], max_pixels)
+        rgb = decode_image(payload, max_pixels) if transform else check_header(payload, max_pixels)
     except ImageRefused as e:
         skips.add(key, e.reason)
         return None
-    return {"image": transform(rgb), "label": label, "index": index, "key": key}  # a transform bug is no data error
+    image = transform(rgb) if transform else torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    return {"image": image, "label": label, "index": index, "key": key}  # a transform bug is no data error
 
 
 @contextmanager

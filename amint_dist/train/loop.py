@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
+from amint_dist.data.device_decode import DeviceDecode
 from amint_dist.data.device_transform import DeviceTransform
 from amint_dist.data.transforms import data_config_for
 from amint_dist.dist import main_process_holds, reduce_sum, shared_run_dir
@@ -71,6 +72,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
         if config.train.compile:
             model.compile()  # in place (nn.Module.compile): parameter names, checkpoints and weights stay as they are
         streams = make_streams(config, manifest, data_config, accelerator.process_index, accelerator.num_processes)
+        device_transform = _device_transform(config, data_config, accelerator)  # refuses augment it cannot run
         held.enter_context(main_process_holds(accelerator, lambda: claim_run_dir(run_dir, config.resume)))
         optimizer = make_optimizer(model.param_groups(config.optim.weight_decay), config.optim)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -88,7 +90,7 @@ def train(cfg: Mapping[str, Any]) -> Path:
         with StopSignals(accelerator.num_processes) as stop:
             trainer = Trainer(config, accelerator, model, optimizer, streams, state, ExposureRecorder(ledger, trace),
                               reporter, run_dir, memory_format=memory_format, trail=trail, resumed_from=resumed,
-                              stop=stop, ema=ema, device_transform=_device_transform(config, data_config, accelerator))
+                              stop=stop, ema=ema, device_transform=device_transform)
             trainer.fit()
         if trainer.stopped:
             _stop(trainer, stop.name())
@@ -100,10 +102,13 @@ def train(cfg: Mapping[str, Any]) -> Path:
 
 
 def _device_transform(config: JobConfig, data_config: dict, accelerator: Accelerator) -> DeviceTransform | None:
-    """The training step's half of the image transform under ``data.device_transform`` (else None)."""
+    """The training step's half of the image transform under ``data.device_transform`` (else None), with the
+    decode, crop and flip under ``data.decode=device``."""
     if not config.data.device_transform:
         return None
-    return DeviceTransform(data_config, config.data.augment, accelerator.device)
+    augment, device = config.data.augment, accelerator.device
+    decode = DeviceDecode(data_config, augment, device) if config.data.decode == "device" else None
+    return DeviceTransform(data_config, augment, device, decode)
 
 
 def _build_model(config: JobConfig, model_cfg: ModelConfig) -> tuple[AuditableModel, dict]:

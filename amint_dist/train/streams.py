@@ -75,7 +75,8 @@ def make_streams(cfg: JobConfig, manifest: Mapping[str, Any], data_config: Mappi
         raise ValueError(f"split {empty[0]!r} of {cfg.data.root} is empty: training needs members"
                          + (" and external MINT negatives" if cfg.mint.on else ""))
     image_shape = tuple(data_config["input_size"])
-    transform = make_transform(data_config, cfg.data.augment, uint8=cfg.data.device_transform)
+    uint8 = cfg.data.device_transform  # data.decode=device: no transform, the workers ship the encoded bytes
+    transform = None if cfg.data.decode == "device" else make_transform(data_config, cfg.data.augment, uint8=uint8)
     return {
         split: ShardedSplitStream(
             split_shards(cfg, split), transform, image_shape, n, rank=rank, world=world,

@@ -110,13 +110,14 @@ class Trainer:
         return {"members": next(member_batches), **{split: c.next() for split, c in self._cycling.items()}}
 
     def on_device(self, parts: Mapping[str, dict]) -> dict[str, dict]:
-        """``parts`` with their uint8 images augmented and normalised on the device (``data.device_transform``),
-        seeded by the run's seed, the position, the rank and the split: a resumed run draws the same."""
+        """``parts`` with their uint8 images (``data.decode=device``: encoded bytes, decoded and cropped first)
+        augmented and normalised on the device (``data.device_transform``), seeded by the run's seed, the
+        position, the rank and the split: a resumed run draws the same."""
         if self.device_transform is None:
             return dict(parts)
         seed = f"amint-device:{self.config.train.seed}:{self.state.epoch}:{self.state.batch_in_epoch}:" \
                f"{self.accelerator.process_index}"
-        return {split: {**b, "image": self.device_transform(b["image"], f"{seed}:{split}")} for split, b in parts.items()}
+        return {split: self.device_transform.apply(b, f"{seed}:{split}") for split, b in parts.items()}
 
     def with_negatives(self, parts: Mapping[str, dict]) -> dict[str, dict]:
         """``parts`` plus shifted and perturbed copies (``mint.member_shift`` / ``external_shift`` /
