@@ -73,10 +73,10 @@ def make_accelerator(train_cfg: TrainConfig, optim_cfg: OptimConfig) -> Accelera
 
 def fsdp2_plugin() -> FullyShardedDataParallelPlugin:
     """The launcher's FSDP plugin (its FSDP_* environment, from configs/accelerate/fsdp2.yaml); FSDP1 is refused."""
-    plugin = FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 2:
-        raise ConfigError(f"fsdp_version {plugin.fsdp_version}: only FSDP2 is supported (configs/accelerate/fsdp2.yaml)")
-    return plugin
+    version = os.environ.get("FSDP_VERSION", "1")  # the launcher's default; read first (FSDP1's plugin needs a GPU)
+    if version != "2":
+        raise ConfigError(f"fsdp_version {version}: only FSDP2 is supported (configs/accelerate/fsdp2.yaml)")
+    return FullyShardedDataParallelPlugin()
 
 
 def fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
