@@ -37,6 +37,11 @@ def under_deepspeed() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def under_fsdp() -> bool:
+    """Launched by ``accelerate launch`` with an FSDP config (``configs/accelerate/fsdp2.yaml``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def launched_world() -> int:
     """World size the launcher (torchrun / accelerate / srun + accelerate) announced; 1 when not launched."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -95,18 +100,47 @@ def mean_over_ranks(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Ten
 
 
 def engine_name(accelerator: Accelerator, model: Any) -> str:
-    """``single``, ``ddp`` or ``zero<stage>``, read from the prepared model itself."""
+    """``single``, ``ddp``, ``zero<stage>`` or ``fsdp2``, read from the prepared model itself."""
+    from torch.distributed.fsdp import FSDPModule
+
     if hasattr(model, "zero_optimization_stage"):
         return f"zero{model.zero_optimization_stage()}"
+    if isinstance(model, FSDPModule):
+        return "fsdp2"
     return "ddp" if isinstance(model, torch.nn.parallel.DistributedDataParallel) else "single"
 
 
-def full_parameters(accelerator: Accelerator, model: Any, chunk: int = 64) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) of every parameter on every rank; ZeRO-3 shards are gathered a chunk at a time.
+def sharded_engine(accelerator: Accelerator) -> str | None:
+    """``DeepSpeed ZeRO-3`` or ``FSDP2`` when the engine partitions the parameters across ranks, else None."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return "FSDP2" if accelerator.state.is_fsdp2 else None
 
-    A collective under ZeRO-3: every rank must iterate it to the end.
+
+def reshard(model: torch.nn.Module) -> None:
+    """FSDP2: free what a no-grad forward left gathered (the root unit keeps its parameters until a backward) and
+    register the shards again, as state dicts and loads expect; nothing under other engines."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_parameters(accelerator: Accelerator, model: Any, chunk: int = 64) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of every parameter on every rank; ZeRO-3 shards are gathered a chunk at a time, FSDP2's
+    (DTensor) one parameter at a time.
+
+    A collective under ZeRO-3 and FSDP2: every rank must iterate it to the end.
     """
+    from torch.distributed.tensor import DTensor
+
     params = list(accelerator.unwrap_model(model).named_parameters())
+    if any(isinstance(p, DTensor) for _, p in params):
+        for name, p in params:
+            yield name, p.full_tensor() if isinstance(p, DTensor) else p
+        return
     if not any(hasattr(p, "ds_id") for _, p in params):
         yield from params
         return
@@ -134,7 +168,7 @@ def rank_report(accelerator: Accelerator, model: Any, agree: Mapping[str, Any] |
     """This rank's place in the world, a sha256 of the full parameters it would compute with and ``agree``."""
     param_sha256, full = tensors_sha256(full_parameters(accelerator, model))
     params = accelerator.unwrap_model(model).parameters()
-    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    local = sum(_local_numel(p) for p in params)
     return {
         "rank": accelerator.process_index,
         "local_rank": accelerator.local_process_index,
@@ -146,10 +180,17 @@ def rank_report(accelerator: Accelerator, model: Any, agree: Mapping[str, Any] |
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
         "device": str(accelerator.device),
         "param_numel": full,
-        "local_param_numel": local,  # ZeRO-3: this rank's shard only
+        "local_param_numel": local,  # ZeRO-3, FSDP2: this rank's shard only
         "param_sha256": param_sha256,
         **(agree or {}),
     }
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    """Elements this rank holds of parameter ``p``: its ZeRO-3 partition, FSDP2 shard, or the whole."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.numel()
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
 
 
 def check_ranks_agree(accelerator: Accelerator, model: Any, agree: Mapping[str, Any] | None = None) -> dict:
@@ -166,6 +207,11 @@ def check_ranks_agree(accelerator: Accelerator, model: Any, agree: Mapping[str, 
     if accelerator.state.deepspeed_plugin is not None:  # less Accelerate's steps_per_print=inf (not JSON)
         config = accelerator.state.deepspeed_plugin.deepspeed_config
         summary["deepspeed_config"] = {k: v for k, v in config.items() if k != "steps_per_print"}
+    fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp is not None:
+        summary["fsdp_config"] = {"version": fsdp.fsdp_version, "state_dict_type": str(fsdp.state_dict_type),
+                                  "reshard_after_forward": fsdp.reshard_after_forward,
+                                  "units": list(fsdp.transformer_cls_names_to_wrap or [])}
     if len({r["param_sha256"] for r in reports}) != 1:
         raise RuntimeError(f"ranks hold different parameters: {[(r['rank'], r['param_sha256'][:12]) for r in reports]}")
     for key in agree or {}:

@@ -1,4 +1,5 @@
-"""Distributed training on CPU, 2 processes over gloo: DDP, DeepSpeed ZeRO-2 and ZeRO-3, two machines on localhost.
+"""Distributed training on CPU, 2 processes over gloo: DDP, DeepSpeed ZeRO-2 and ZeRO-3, FSDP2, two machines on
+localhost.
 
 Nothing is taken from a green exit code: every claim is read back from what the ranks wrote. Each checkpoint
 holds ``distributed.json`` (world size, every rank's rank/node/host and a sha256 of the full parameters it
@@ -37,7 +38,8 @@ from train_helpers import ENV, REPO, assert_same_ledger, free_port, load_npz, ru
 
 pytestmark = pytest.mark.slow
 
-ENGINES = {"ddp": "ddp", "zero2": "deepspeed_zero2", "zero3": "deepspeed_zero3"}
+ENGINES = {"ddp": "ddp", "zero2": "deepspeed_zero2", "zero3": "deepspeed_zero3", "fsdp2": "fsdp2"}
+SHARDED = ("zero3", "fsdp2")  # engines whose ranks hold a part of the parameters
 EPOCHS = 2
 COMMON = (f"train.epochs={EPOCHS}", "optim.warmup_epochs=0.5", "optim.lr=3e-3", "mint.head.dropout=0",
           "train.ckpt_every_epochs=1", "train.keep_checkpoints=0")
@@ -183,7 +185,7 @@ def test_world_of_two_ranks_hold_identical_parameters(resumed):
         assert all(r["world_size"] == r["torch_world_size"] == 2 and r["backend"] == "gloo" for r in ranks)
         assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"], ckpt.name
         sharded = [r["local_param_numel"] < 0.6 * r["param_numel"] for r in ranks]
-        assert all(sharded) if engine == "zero3" else not any(sharded), ckpt.name  # ZeRO-3 holds half a model
+        assert all(sharded) if engine in SHARDED else not any(sharded), ckpt.name  # ZeRO-3, FSDP2: half a model
 
 
 def test_ranks_consume_disjoint_members_covering_the_epoch(resumed, train_root):
@@ -309,15 +311,16 @@ def test_compile_under_zero3_is_refused_before_any_work(tmp_path, train_root):
 
 
 def test_a_planted_pickle_never_runs_under_any_engine(resumed, train_root, tmp_path):
-    """Each engine's own pickled state (Accelerate's optimizer.bin; DeepSpeed's model states, which DeepSpeed
-    loads with weights_only=False) replaced by a pickle with a side effect, its sha256 written into a re-chained
-    unsigned trail: resume refuses the file under the real 2-process engine and the side effect never happens."""
+    """Each engine's own pickled state (Accelerate's optimizer.bin, under DDP and FSDP2; DeepSpeed's model states,
+    which DeepSpeed loads with weights_only=False) replaced by a pickle with a side effect, its sha256 written into
+    a re-chained unsigned trail: resume refuses the file under the real 2-process engine and the side effect never
+    happens."""
     from test_integrity import plant, rehash_file
 
     engine, source = resumed
     run_dir = Path(shutil.copytree(source, tmp_path / "run"))
     latest = latest_checkpoint(run_dir)
-    name = "optimizer.bin" if engine == "ddp" else \
+    name = "optimizer.bin" if engine in ("ddp", "fsdp2") else \
         sorted(p.relative_to(latest).as_posix() for p in latest.glob("pytorch_model/*model_states.pt"))[0]
     marker = tmp_path / "unpickled"
     plant(latest, name, marker, as_torch_file=True)

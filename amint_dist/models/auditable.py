@@ -11,7 +11,7 @@ from .backbone import config_error
 from .config import MintConfig, ModelConfig
 from .heads import build_head
 from .init_weights import build_backbone
-from .taps import resolve_taps
+from .taps import block_class_names, resolve_taps
 
 MODES = ("active", "passive", "off")
 
@@ -39,6 +39,13 @@ class AuditableModel(nn.Module):
             if wants_tokens and hasattr(backbone, "num_prefix_tokens")
             else {}
         )
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """FSDP's sharding units, read by Accelerate's TRANSFORMER_BASED_WRAP: the backbone's blocks and the MINT
+        head (each gathered whole for its forward)."""
+        head = [type(self.mint_head).__name__] if self.mint_head is not None else []
+        return block_class_names(self.backbone) + head
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, taps={self.taps}"

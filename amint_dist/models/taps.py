@@ -54,3 +54,14 @@ def resolve_taps(model: nn.Module, taps: str | Sequence[int]) -> list[int]:
     if isinstance(taps, str):
         return preset_indices(taps, n)
     return _normalise(list(taps), n)
+
+
+def block_class_names(model: nn.Module) -> list[str]:
+    """Class names of the blocks behind `model.feature_info` (FSDP's sharding units): each entry's module, or
+    for a plain container stage (a ResNet layer) the blocks inside it; modules without parameters are skipped."""
+    names: list[str] = []
+    for info in model.feature_info:
+        module = model.get_submodule(info["module"])
+        parts = list(module.children()) if type(module) in (nn.Sequential, nn.ModuleList) else [module]
+        names += [type(m).__name__ for m in parts if any(True for _ in m.parameters())]
+    return list(dict.fromkeys(names))

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
 from amint_dist.config import ConfigError
-from amint_dist.dist import check_world, cpu_only, launched_world, under_deepspeed
+from amint_dist.dist import check_world, cpu_only, launched_world, under_deepspeed, under_fsdp
 from amint_dist.train.config import OptimConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,12 +58,40 @@ def make_accelerator(train_cfg: TrainConfig, optim_cfg: OptimConfig) -> Accelera
         kwargs["deepspeed_plugin"] = deepspeed_plugin(deepspeed_config(train_cfg, optim_cfg, precision))
         if no_cuda:  # Accelerate picks no backend on CPU unless told: every rank would think it is alone
             group["backend"] = "gloo"
+    elif under_fsdp():
+        kwargs["fsdp_plugin"] = fsdp2_plugin()
+        kwargs["cpu"] = no_cuda  # without CUDA: a gloo world first, made FSDP by fsdp_on_cpu
     elif no_cuda and launched_world() > 1:
         kwargs["cpu"] = True  # Accelerate's multi-CPU DDP over gloo
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=train_cfg.grad_accum,
                               kwargs_handlers=[InitProcessGroupKwargs(**group)], **kwargs)
+    if under_fsdp() and no_cuda:
+        fsdp_on_cpu(accelerator, kwargs["fsdp_plugin"])
     check_world(accelerator)
     return accelerator
+
+
+def fsdp2_plugin() -> FullyShardedDataParallelPlugin:
+    """The launcher's FSDP plugin (its FSDP_* environment, from configs/accelerate/fsdp2.yaml); FSDP1 is refused."""
+    version = os.environ.get("FSDP_VERSION", "1")  # the launcher's default; read first (FSDP1's plugin needs a GPU)
+    if version != "2":
+        raise ConfigError(f"fsdp_version {version}: only FSDP2 is supported (configs/accelerate/fsdp2.yaml)")
+    return FullyShardedDataParallelPlugin()
+
+
+def fsdp_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
+    """FSDP2 over gloo on a machine without CUDA. Accelerate selects FSDP only on accelerator devices (its state
+    keeps MULTI_CPU and silently drops the plugin), while ``fully_shard`` itself shards, gathers and
+    reduce-scatters CPU tensors over gloo; so the CPU world Accelerate formed gets the FSDP type and the
+    launcher's plugin, and Accelerate's own FSDP2 paths (prepare, clipping, save/load_state, full state dict)
+    run as on GPUs (``PartialState`` holds the type too: every later ``AcceleratorState`` copies it from there, as
+    Accelerate's own FSDP set-up writes it)."""
+    if accelerator.num_processes < 2 or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        raise ConfigError(f"FSDP on a machine without CUDA needs a gloo world of >= 2 processes, not "
+                          f"{accelerator.num_processes} ({accelerator.distributed_type}); launch with --num_processes 2")
+    PartialState().distributed_type = DistributedType.FSDP  # as Accelerate does: every later state copies it
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def deepspeed_config_path() -> Path:

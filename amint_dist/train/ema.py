@@ -3,8 +3,8 @@
 The EMA is updated once per optimizer step (never per micro-batch under gradient accumulation) from the
 unwrapped model's state dict, with timm's step-based decay (``update(model, step=n)``: the first step copies
 the weights, then ``decay``, or timm's warm-up with ``train.ema.warmup``). Every rank keeps its own copy (the
-full parameters are on every rank under DDP and ZeRO-2; ZeRO-3 is refused before any work, see
-:func:`refuse_ema_under_zero3`); rank agreement is checked with every checkpoint. A checkpoint holds it as
+full parameters are on every rank under DDP and ZeRO-2; ZeRO-3 and FSDP2 are refused before any work, see
+:func:`refuse_sharded_ema`); rank agreement is checked with every checkpoint. A checkpoint holds it as
 ``ema.safetensors`` (no pickle), in exactly ``model.safetensors``'s key layout, recorded in the audit trail
 with the checkpoint's other files.
 """
@@ -18,16 +18,17 @@ import torch
 from accelerate import Accelerator
 from timm.utils.model_ema import ModelEmaV3
 
+from amint_dist.dist import sharded_engine
 from amint_dist.train.config import EmaConfig
 
 EMA_CHECKPOINT_FILE = "ema.safetensors"
 
 
-def refuse_ema_under_zero3(cfg: EmaConfig, accelerator: Accelerator) -> None:
-    """ZeRO-3 partitions the parameters: an EMA of a rank's shard is no EMA of the model. Say so first."""
-    plugin = accelerator.state.deepspeed_plugin
-    if cfg.on and plugin is not None and plugin.zero_stage == 3:
-        raise ValueError(f"train.ema.decay={cfg.decay} is not supported under DeepSpeed ZeRO-3 (partitioned "
+def refuse_sharded_ema(cfg: EmaConfig, accelerator: Accelerator) -> None:
+    """ZeRO-3 and FSDP2 partition the parameters: an EMA of a rank's shard is no EMA of the model. Say so first."""
+    engine = sharded_engine(accelerator)
+    if cfg.on and engine:
+        raise ValueError(f"train.ema.decay={cfg.decay} is not supported under {engine} (partitioned "
                          "parameters); use ZeRO-2 or DDP, or train.ema.decay=null")
 
 

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from amint_dist.data.device_decode import DeviceDecode
 from amint_dist.data.device_transform import DeviceTransform
 from amint_dist.data.transforms import data_config_for
-from amint_dist.dist import main_process_holds, reduce_sum, shared_run_dir
+from amint_dist.dist import main_process_holds, reduce_sum, reshard, shared_run_dir, sharded_engine
 from amint_dist.io import atomic_write_text, sha256_file
 from amint_dist.models import AuditableModel, ModelConfig, build_auditable_model
 from amint_dist.models.init_weights import init_record
@@ -34,7 +34,7 @@ from amint_dist.train.artifacts import ensure_dataset, save_final_model
 from amint_dist.train.checkpoint import clean_partials, latest_checkpoint, load_checkpoint
 from amint_dist.train.config import JobConfig
 from amint_dist.train.elastic import resume_point
-from amint_dist.train.ema import make_ema, refuse_ema_under_zero3
+from amint_dist.train.ema import make_ema, refuse_sharded_ema
 from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.exposure_trace import ExposureTrace
 from amint_dist.train.optim import make_optimizer
@@ -59,8 +59,8 @@ def train(cfg: Mapping[str, Any]) -> Path:
     config = JobConfig.from_dict(cfg)  # one line naming the key, before any process group, file or model
     with ExitStack() as held:
         accelerator = make_accelerator(config.train, config.optim)
-        _refuse_compile_under_zero3(config, accelerator)
-        refuse_ema_under_zero3(config.train.ema, accelerator)
+        _refuse_sharded_compile(config, accelerator)
+        refuse_sharded_ema(config.train.ema, accelerator)
         set_seed(config.train.seed)
         run_dir = shared_run_dir(accelerator, config.run.dir)
         manifest = ensure_dataset(config.data, accelerator)
@@ -128,15 +128,17 @@ def _check_precision(config: JobConfig, accelerator: Accelerator, model: torch.n
     """Log the dtype the prepared engine computes in; refuse one that ``train.precision`` did not ask for."""
     precision = resolve_precision(config.train.precision)
     dtype = compute_dtype(model, input_size, accelerator.device)
+    reshard(model)
     accelerator.print(f"compute dtype: {dtype} (train.precision={config.train.precision} -> {precision})")
     check_compute_dtype(precision, dtype)
 
 
-def _refuse_compile_under_zero3(config: JobConfig, accelerator: Accelerator) -> None:
-    """torch.compile traces ZeRO-3's partitioned (empty) parameters and fails deep inside Dynamo: say so first."""
-    plugin = accelerator.state.deepspeed_plugin
-    if config.train.compile and plugin is not None and plugin.zero_stage == 3:
-        raise ValueError("train.compile=true is not supported under DeepSpeed ZeRO-3 (partitioned parameters); "
+def _refuse_sharded_compile(config: JobConfig, accelerator: Accelerator) -> None:
+    """torch.compile traces ZeRO-3's partitioned (empty) parameters and fails deep inside Dynamo; compiling before
+    FSDP2's fully_shard is untested: say so first."""
+    engine = sharded_engine(accelerator)
+    if config.train.compile and engine:
+        raise ValueError(f"train.compile=true is not supported under {engine} (partitioned parameters); "
                          "use ZeRO-2 or DDP, or train.compile=false")
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from amint_dist.data.device_transform import DeviceTransform
 from amint_dist.data.pipeline import ShardedSplitStream, make_loader
-from amint_dist.dist import mean_over_ranks, reduce_sum, tensors_sha256
+from amint_dist.dist import mean_over_ranks, reduce_sum, reshard, tensors_sha256
 from amint_dist.records.trail import AuditTrail
 from amint_dist.train.balancer import Famo
 from amint_dist.train.batches import SHIFTED, CyclingBatches, combine
@@ -173,11 +173,13 @@ class Trainer:
     @torch.no_grad()
     def _remeasured(self, batch: dict) -> LossParts:
         """The losses of ``batch`` with the updated model (FAMO's delta), in training mode like the losses they are
-        compared with; the model's buffers (BatchNorm statistics) are put back: the measurement leaves no trace."""
+        compared with; the model's buffers (BatchNorm statistics) are put back and FSDP2's gathered parameters
+        freed: the measurement leaves no trace."""
         buffers = [b.clone() for b in self._unwrapped.buffers()]
         losses = self._losses(batch, *self.model(batch["image"]))
         for buffer, saved in zip(self._unwrapped.buffers(), buffers):
             buffer.copy_(saved)
+        reshard(self.model)
         return losses
 
     def _losses(self, batch: dict, logits: torch.Tensor, mint_logit: torch.Tensor | None) -> LossParts:
