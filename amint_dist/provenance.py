@@ -83,9 +83,11 @@ def collect() -> dict[str, Any]:
     }
 
 
-def write_provenance(run_dir: str | Path, resumed_at_step: int | None = None) -> dict[str, Any]:
+def write_provenance(run_dir: str | Path, resumed_at_step: int | None = None,
+                     changes: dict[str, list] | None = None) -> dict[str, Any]:
     """Write ``run_dir/provenance.json`` (atomically; rank 0 only): this start's :func:`collect`. A resumed run
-    keeps the first start's record and appends this one to its ``resumes`` list (with the step it resumed at)."""
+    keeps the first start's record and appends this one to its ``resumes`` list (with the step it resumed at and
+    ``changes``: ``{key: [config.yaml's value, this start's]}`` of the config keys a resume may change)."""
     path = Path(run_dir) / PROVENANCE_NAME
     record = collect()
     if resumed_at_step is not None:
@@ -93,8 +95,9 @@ def write_provenance(run_dir: str | Path, resumed_at_step: int | None = None) ->
             first = json.loads(path.read_text())
         except (OSError, ValueError):
             first = None
+        resume = {**record, "step": resumed_at_step, "config_changes": changes or {}}
         if isinstance(first, dict):
-            record = {**first, "resumes": [*first.get("resumes", []), {**record, "step": resumed_at_step}]}
+            record = {**first, "resumes": [*first.get("resumes", []), resume]}
         else:
             record = {**record, "resumes": [], "note": f"{PROVENANCE_NAME} of the first start was missing"}
     atomic_write_json(path, record)

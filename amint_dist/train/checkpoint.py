@@ -26,7 +26,7 @@ from amint_dist.records.trail import AuditTrail, TrailError
 from amint_dist.records.verification import (checkpoint_file_problems, checkpoint_ledger_digest, hash_files,
                                              relative_files)
 from amint_dist.records.ledger import ExposureLedger
-from amint_dist.train.elastic import is_epoch_boundary, load_engine_state, state_at_world
+from amint_dist.train.elastic import is_epoch_boundary, load_engine_state, state_at
 from amint_dist.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -148,27 +148,29 @@ def verify_checkpoint(accelerator: Accelerator, path: Path, trail: AuditTrail) -
         raise TrailError(f"refusing to resume from {path.name}: {everyone[0]}{more}")
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, ledger_sizes: dict[str, int],
+def load_checkpoint(accelerator: Accelerator, path: Path, ledger_sizes: dict[str, int], layout: dict | None = None,
                     trail: AuditTrail | None = None) -> tuple[TrainState, ExposureLedger, dict]:
     """Restore model/optimizer/RNG state; each rank gets its own ledger back (rank 0 the sum if world changed).
 
-    With ``trail``, the checkpoint is verified against it first (``verify_checkpoint``). Another world size
-    resumes only at an epoch boundary (``train.elastic``); the third value is then its record for the trail
-    (world sizes, loaded parameters' sha256, optimizer state), else {}.
+    With ``trail``, the checkpoint is verified against it first (``verify_checkpoint``). Another world size or
+    reader ``layout`` resumes only at an epoch boundary (``train.elastic``); the third value is then its record
+    for the trail (the world size and layout resumed from; at another world size the loaded parameters' sha256
+    and the optimizer state's fate), else {}.
     """
     if trail is not None:
         verify_checkpoint(accelerator, path, trail)
     state = TrainState.from_dict(json.loads((path / "train_state.json").read_text()))
+    moved = {"from_layout": state.layout} if state.layout not in (None, layout) else {}
     if state.world_size == accelerator.num_processes:
         accelerator.load_state(str(path))
         ledger = ExposureLedger.load(path / f"ledger-rank{accelerator.process_index:05d}.npz", ledger_sizes)
-        return state, ledger, {}
-    elastic = {"from_world_size": state.world_size, **load_engine_state(accelerator, path)}
+        return (state_at(state, state.world_size, layout), ledger, moved) if moved else (state, ledger, {})
+    elastic = {"from_world_size": state.world_size, **moved, **load_engine_state(accelerator, path)}
     ledger = ExposureLedger(ledger_sizes)
     if accelerator.is_main_process:
         for f in sorted(path.glob("ledger-rank*.npz")):
             ledger += ExposureLedger.load(f, ledger_sizes)
-    return state_at_world(state, accelerator.num_processes), ledger, elastic
+    return state_at(state, accelerator.num_processes, layout), ledger, elastic
 
 
 def load_rank_state(path: Path, rank: int) -> dict:

@@ -1,11 +1,13 @@
 """Elastic resume: a checkpoint resumed at another world size (DDP, DeepSpeed ZeRO-2/3), the data position exact.
 
 Rules, stated once:
-- A checkpoint resumes at another world size only at an epoch boundary (``batch_in_epoch == 0``): each rank's
-  share of an epoch is a function of the world size, so a mid-epoch position of one world names no position of
-  another. A newer mid-epoch checkpoint is passed over for the newest epoch-boundary checkpoint (its later
-  steps are trained again, and its ledger, which counts them, is discarded with its weights): the exposure
-  ledger then counts every member exactly once per epoch trained, as an uninterrupted run's does.
+- A checkpoint resumes at another world size, or another reader layout (readers per rank: ``data.workers``; batch
+  sizes), only at an epoch boundary (``batch_in_epoch == 0``): each rank's share of an epoch is a function of the
+  world size, and which samples a rank's first batches hold a function of its readers, so a mid-epoch position of
+  one layout names no position of another. A newer mid-epoch checkpoint is passed over for the newest
+  epoch-boundary checkpoint (its later steps are trained again, and its ledger, which counts them, is discarded
+  with its weights): the exposure ledger then counts every member exactly once per epoch trained, as an
+  uninterrupted run's does. A checkpoint that records no layout (``TrainState.layout`` None) counts as this one's.
 - The LR schedule and the run's end continue as an uninterrupted run at the new world size would
   (``TrainState.schedule_shift``): its steps per epoch differ.
 - ``external`` and ``probe`` cycle at their own pace: a cursor inside one of their epochs moves to the start of
@@ -49,27 +51,50 @@ def is_epoch_boundary(checkpoint: Path) -> bool:
     return _train_state(checkpoint)["batch_in_epoch"] == 0
 
 
-def resume_point(latest: Path, world: int) -> Path:
-    """``latest``, or at another world size mid-epoch the newest epoch-boundary checkpoint beside it."""
+def layout_change(saved: dict, world: int, layout: dict | None) -> str:
+    """What differs between a checkpoint's reader layout (its ``train_state.json``) and ``world`` ranks with
+    ``layout`` (``TrainState.layout``), e.g. ``world size 2 -> 1``; "" when nothing does."""
+    old = saved.get("layout") or layout or {}
+    changes = [f"world size {saved['world_size']} -> {world}"] if saved["world_size"] != world else []
+    changes += [layout_text({key: f"{old.get(key)} -> {value}"}) for key, value in (layout or {}).items()
+                if old.get(key) != value]
+    return ", ".join(changes)
+
+
+def layout_text(layout: dict) -> str:
+    """``readers per rank 2, batch sizes {...}``: a ``TrainState.layout`` in a log line."""
+    ordered = sorted(layout.items(), key=lambda kv: kv[0] != "readers")  # as written, or read back key-sorted
+    return ", ".join(f"{key.replace('_', ' ')}{' per rank' * (key == 'readers')} "
+                     f"{dict(sorted(value.items())) if isinstance(value, dict) else value}" for key, value in ordered)
+
+
+def resume_point(latest: Path, world: int, layout: dict | None = None) -> Path:
+    """``latest``, or when it is mid-epoch at another reader layout (:func:`layout_change`) the newest
+    epoch-boundary checkpoint beside it."""
     saved = _train_state(latest)
-    if saved["world_size"] == world or saved["batch_in_epoch"] == 0:
+    change = layout_change(saved, world, layout)
+    if not change or saved["batch_in_epoch"] == 0:
         return latest
     older = sorted((p for p in latest.parent.glob("step-*") if (p / "train_state.json").is_file()
                     and is_epoch_boundary(p) and _train_state(p)["step"] < saved["step"]),
                    key=lambda p: _train_state(p)["step"])
     if not older:
-        raise ValueError(f"resume at world size {world}: {latest.name} is mid-epoch at world size "
-                         f"{saved['world_size']} and no epoch-boundary checkpoint is kept; resume with "
-                         f"--num_processes {saved['world_size']}")
+        readers = (saved.get("layout") or {}).get("readers")
+        raise ValueError(f"resume with {change}: {latest.name} is mid-epoch and no epoch-boundary checkpoint is "
+                         f"kept; resume with --num_processes {saved['world_size']}"
+                         + (f" and data.workers giving {readers} reader(s) per rank" if readers else ""))
     return older[-1]
 
 
-def state_at_world(state: TrainState, world: int) -> TrainState:
-    """The position of an epoch-boundary ``state`` at ``world`` ranks: cycling splits start their next epoch."""
+def state_at(state: TrainState, world: int, layout: dict | None) -> TrainState:
+    """The position of an epoch-boundary ``state`` at ``world`` ranks with reader ``layout``: cycling splits start
+    their next epoch; at another world size the trainer sets the schedule shift."""
     if state.batch_in_epoch:
-        raise ValueError(f"step {state.step} is mid-epoch: it cannot resume at another world size")
+        raise ValueError(f"step {state.step} is mid-epoch: it cannot resume at another world size or reader layout")
     state.cursors = {s: [e + 1, 0] if pos else [e, 0] for s, (e, pos) in state.cursors.items()}
-    state.world_size, state.schedule_shift = world, None  # the trainer knows this world's steps per epoch
+    if state.world_size != world:
+        state.world_size, state.schedule_shift = world, None  # the trainer knows this world's steps per epoch
+    state.layout = layout
     return state
 
 

@@ -31,19 +31,20 @@ from amint_dist.run_dir import claim_run_dir
 from amint_dist.tb import Monitor
 from amint_dist.train.accelerator import make_accelerator, resolve_precision
 from amint_dist.train.artifacts import ensure_dataset, save_final_model
-from amint_dist.train.checkpoint import clean_partials, latest_checkpoint, load_checkpoint
+from amint_dist.train.checkpoint import clean_partials, latest_checkpoint, load_checkpoint, verify_checkpoint
 from amint_dist.train.config import JobConfig
-from amint_dist.train.elastic import resume_point
+from amint_dist.train.elastic import layout_text, resume_point
 from amint_dist.train.ema import make_ema, refuse_sharded_ema
 from amint_dist.train.exposure import ExposureRecorder
 from amint_dist.train.exposure_trace import ExposureTrace
 from amint_dist.train.optim import make_optimizer
 from amint_dist.train.precision import check_compute_dtype, compute_dtype
 from amint_dist.train.preemption import StopSignals, Stopped
+from amint_dist.train.resume_config import config_changes
 from amint_dist.train.reporting import Reporter
 from amint_dist.train.skips import SkipBudget
 from amint_dist.train.state import TrainState
-from amint_dist.train.streams import check_dataset_fit, make_streams
+from amint_dist.train.streams import check_dataset_fit, make_streams, reader_layout
 from amint_dist.train.trackers import start_trackers
 from amint_dist.train.trainer import Trainer
 
@@ -79,8 +80,9 @@ def train(cfg: Mapping[str, Any]) -> Path:
         ema = make_ema(config.train.ema, accelerator.unwrap_model(model), accelerator.device)
         _check_precision(config, accelerator, model, data_config["input_size"])
         trail = AuditTrail(run_dir, sha256_file(Path(config.data.root) / "splits.json"), Signer.from_env())
-        state, ledger, resumed, elastic = _start(config, accelerator, run_dir, manifest["counts"], trail)
-        _record_start(cfg, accelerator, run_dir, trail, state, resumed, model_cfg, elastic)
+        state, ledger, resumed, record = _start(config, accelerator, run_dir, manifest["counts"], trail,
+                                                reader_layout(streams))
+        _record_start(cfg, accelerator, run_dir, trail, state, resumed, model_cfg, record)
         trace = ExposureTrace(run_dir, accelerator.process_index, state.step,
                               accelerator.num_processes) if config.train.exposure_log else None
         monitor = Monitor(run_dir, accelerator.is_main_process, resume_at=(state.step, state.epoch) if resumed else None)
@@ -143,45 +145,55 @@ def _refuse_sharded_compile(config: JobConfig, accelerator: Accelerator) -> None
 
 
 def _start(config: JobConfig, accelerator: Accelerator, run_dir: Path, counts: Mapping[str, int],
-           trail: AuditTrail) -> tuple[TrainState, ExposureLedger, Path | None, dict]:
-    """Fresh state for a new run dir, or (verified against the audit trail) the latest checkpoint's with
-    ``resume=latest`` (at another world size mid-epoch: the newest epoch-boundary checkpoint, ``train.elastic``);
-    the third value is the checkpoint resumed from, the fourth the record of a world-size change."""
+           trail: AuditTrail, layout: dict) -> tuple[TrainState, ExposureLedger, Path | None, dict]:
+    """Fresh state for a new run dir, or with ``resume`` the checkpoint's, verified against the audit trail, whose
+    config must be ``config.yaml``'s but for the keys a resume may change (``train.resume_config``); at another
+    world size or reader ``layout`` mid-epoch: the newest epoch-boundary checkpoint (``train.elastic``). The third
+    value is the checkpoint resumed from, the fourth the resume's record for the trail (the config changes, the
+    world size and layout resumed from)."""
     sizes = {split: int(n) for split, n in counts.items()}
     if not config.resume:
         return TrainState(world_size=accelerator.num_processes), ExposureLedger(sizes), None, {}
-    path = latest_checkpoint(run_dir) if config.resume == "latest" else Path(config.resume)
-    if path is None:
+    latest = latest_checkpoint(run_dir) if config.resume == "latest" else Path(config.resume)
+    if latest is None:
         raise FileNotFoundError(f"resume={config.resume}: no checkpoint under {run_dir / 'checkpoints'}")
-    path = resume_point(path, accelerator.num_processes)
+    verify_checkpoint(accelerator, latest, trail)  # the trail checks config.yaml's sha256: the record compared next
+    changes = config_changes(run_dir / "config.yaml", config)
+    path = resume_point(latest, accelerator.num_processes, layout)
     accelerator.print(f"resuming from {path}")
-    state, ledger, elastic = load_checkpoint(accelerator, path, sizes, trail)
-    if elastic:
-        accelerator.print(f"resumed {path.name} (world size {elastic['from_world_size']}) at world size "
-                          f"{accelerator.num_processes} from epoch {state.epoch}'s start; optimizer state "
-                          f"{elastic['optimizer_state']}")
+    state, ledger, moved = load_checkpoint(accelerator, path, sizes, layout, trail if path != latest else None)
+    if moved:
+        world = "from_world_size" in moved
+        was = ([f"world size {moved['from_world_size']}"] if world else []) + \
+            ([layout_text(moved["from_layout"])] if "from_layout" in moved else [])
+        now = ([f"at world size {accelerator.num_processes}"] if world else []) + \
+            ([f"with {layout_text(layout)}"] if "from_layout" in moved else [])
+        fate = f"; optimizer state {moved['optimizer_state']}" if world else ""
+        accelerator.print(f"resumed {path.name} ({', '.join(was)}) {' '.join(now)} from epoch {state.epoch}'s "
+                          f"start{fate}")
     accelerator.wait_for_everyone()  # every rank has loaded before rank 0 clears what the killed run left
     if accelerator.is_main_process:
         for stale in clean_partials(run_dir):
             log.info("removed %s (half written by an interrupted run)", stale)
-    return state, ledger, path, elastic
+    return state, ledger, path, {**moved, **({"config_changes": changes} if changes else {})}
 
 
 def _record_start(cfg: Mapping[str, Any], accelerator: Accelerator, run_dir: Path, trail: AuditTrail,
-                  state: TrainState, resumed: Path | None, model_cfg: ModelConfig, elastic: dict) -> None:
+                  state: TrainState, resumed: Path | None, model_cfg: ModelConfig, record: dict) -> None:
     """Rank 0: the resolved config (``cfg`` as composed, saved once), provenance (command, versions, git, host,
-    time) and the trail's start entry (with the starting weights' file and sha256) or resume entry (with
-    ``elastic``: the world size resumed from, the loaded parameters' sha256 and the optimizer state's fate)."""
+    time; a resume's config changes) and the trail's start entry (with the starting weights' file and sha256) or
+    resume entry (with ``record``: the config changes, the world size and layout resumed from, the loaded
+    parameters' sha256 and the optimizer state's fate)."""
     if not accelerator.is_main_process:
         return
     if not (run_dir / "config.yaml").exists():
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(dict(cfg))))
-    write_provenance(run_dir, None if resumed is None else state.step)
+    write_provenance(run_dir, None if resumed is None else state.step, record.get("config_changes"))
     if resumed is None:
         trail.start(run_dir / "config.yaml", accelerator.num_processes, init=init_record(model_cfg))
     else:
         trail.append("resume", checkpoint=resumed.name, step=state.step, world_size=accelerator.num_processes,
-                     **elastic)
+                     **record)
 
 
 def _stop(trainer: Trainer, signal_name: str) -> None:

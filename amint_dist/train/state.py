@@ -1,4 +1,5 @@
-"""Resumable training position: steps, epoch, data cursors, loss normalisers and balancer, skip counts."""
+"""Resumable training position: steps, epoch, data cursors and reader layout, loss normalisers and balancer, skip
+counts."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ class TrainState:
     # added to ``step`` for the LR schedule and the run's end (``train.max_steps`` included): 0 but after a resume at
     # another world size, whose steps per epoch differ (None: set by the trainer at that epoch boundary)
     schedule_shift: int | None = 0
+    # the reader layout that saved the position: {"readers": per rank, "batch_sizes": {split: rows per rank}} (None:
+    # not recorded, by a checkpoint older than the record; ``train.elastic``)
+    layout: dict | None = None
 
     def count_skips(self, reasons: Counter) -> None:
         """Add skipped-sample counts (already summed over ranks)."""

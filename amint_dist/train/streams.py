@@ -47,6 +47,12 @@ def read_batches(cfg: JobConfig, counts: Mapping[str, int]) -> dict[str, int]:
     return {split: n if counts.get(split) else 0 for split, n in sizes.items()}
 
 
+def reader_layout(streams: Mapping[str, ShardedSplitStream]) -> dict:
+    """Readers per rank and every split's rows per rank and micro-step: beside the world size, what decides which
+    samples a rank's first batches of an epoch hold (``TrainState.layout``)."""
+    return {"readers": streams["members"].readers, "batch_sizes": {s: st.batch_size for s, st in streams.items()}}
+
+
 def check_dataset_fit(cfg: JobConfig, manifest: Mapping[str, Any], world: int) -> None:
     """What the config asks of the dataset root must be possible: batches no larger than their split, at least
     ``grad_accum`` member batches per rank and epoch (any shard count suits any number of readers)."""

@@ -37,7 +37,7 @@ from amint_dist.train.reporting import Reporter
 from amint_dist.train.resources import resource_scalars
 from amint_dist.train.schedule import lr_at
 from amint_dist.train.state import TrainState
-from amint_dist.train.streams import positive_splits
+from amint_dist.train.streams import positive_splits, reader_layout
 
 
 @dataclass
@@ -74,9 +74,10 @@ class Trainer:
         self.positives = positive_splits(config)  # task + MINT-positive splits: members, or a reference run's pool
         self.grad_norm: torch.Tensor | float | None = None  # the last optimizer step's (under DeepSpeed: a float)
         tcfg = config.train
-        self.total_steps = tcfg.epochs * self._trained_batches() // tcfg.grad_accum
-        if tcfg.max_steps > 0:
-            self.total_steps = min(self.total_steps, tcfg.max_steps)
+        self.total_steps = tcfg.epochs * self._trained_batches() // tcfg.grad_accum  # the LR schedule's length
+        # where the run stops: train.max_steps stops it early and leaves the schedule alone (a resume may move it)
+        self.end_step = min(self.total_steps, tcfg.max_steps) if tcfg.max_steps > 0 else self.total_steps
+        state.layout = reader_layout(streams)  # saved with every checkpoint (``train.elastic``)
         if state.schedule_shift is None:  # resumed at another world size: schedule as if always at this one
             state.schedule_shift = state.epoch * self._trained_batches() // tcfg.grad_accum - state.step
         steps_per_epoch = max(1, len(streams["members"]) // tcfg.grad_accum)
@@ -208,7 +209,7 @@ class Trainer:
 
     def fit(self) -> None:
         """Train to ``train.epochs`` (or ``train.max_steps``), checkpoint the end and close the exposure trace."""
-        with tqdm(total=self.total_steps, initial=self.schedule_step(), disable=not self.accelerator.is_main_process,
+        with tqdm(total=self.end_step, initial=self.schedule_step(), disable=not self.accelerator.is_main_process,
                   desc="train", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
             self._epochs(bar)  # the bar ends its line even when training raises
         self.checkpoint()
@@ -251,7 +252,7 @@ class Trainer:
             self.checkpoint()
 
     def done(self) -> bool:
-        return self.stopped or self.schedule_step() >= self.total_steps
+        return self.stopped or self.schedule_step() >= self.end_step
 
     def schedule_step(self) -> int:
         """The step of an uninterrupted run at this world size (``TrainState.schedule_shift``)."""
