@@ -19,7 +19,7 @@ import torch
 from amint_dist.dist import tensors_sha256
 from amint_dist.models import model_from_record
 from amint_dist.train.checkpoint import _prune, latest_checkpoint
-from amint_dist.train.elastic import resume_point, state_at_world
+from amint_dist.train.elastic import resume_point, state_at
 from amint_dist.train.state import TrainState
 from test_distributed import ENGINES, checkpoints, launcher, train_state
 from train_helpers import load_npz, run_train
@@ -128,16 +128,21 @@ def test_resume_point_goes_back_to_the_newest_epoch_boundary_only_when_the_world
     assert resume_point(latest, 2) == latest and resume_point(latest, 1) == boundary == resume_point(boundary, 4)
     shutil.rmtree(tmp_path / "step-00000013")
     shutil.rmtree(boundary)
-    with pytest.raises(ValueError, match="step-00000030 is mid-epoch at world size 2 and no epoch-boundary "
-                                         "checkpoint is kept; resume with --num_processes 2"):
+    with pytest.raises(ValueError, match="resume with world size 2 -> 1: step-00000030 is mid-epoch and no "
+                                         "epoch-boundary checkpoint is kept; resume with --num_processes 2"):
         resume_point(latest, 1)
 
 
 def test_state_at_another_world_starts_the_cycling_splits_next_epoch_and_refuses_mid_epoch():
     state = TrainState(step=13, epoch=1, cursors={"external": [3, 5], "probe": [1, 0]}, world_size=2)
-    assert state_at_world(state, 1).cursors == {"external": [4, 0], "probe": [1, 0]} and state.world_size == 1
+    assert state_at(state, 1, None).cursors == {"external": [4, 0], "probe": [1, 0]} and state.world_size == 1
+    assert state.schedule_shift is None  # set by the trainer, which knows the new world's steps per epoch
+    layout = {"readers": 2, "batch_sizes": {"members": 32}}
+    state = TrainState(step=13, epoch=1, cursors={"external": [3, 5]}, world_size=2, schedule_shift=4)
+    moved = state_at(state, 2, layout)  # another reader layout, the same world: the schedule stays
+    assert (moved.cursors, moved.schedule_shift, moved.layout) == ({"external": [4, 0]}, 4, layout)
     with pytest.raises(ValueError, match="step 9 is mid-epoch"):
-        state_at_world(TrainState(step=9, batch_in_epoch=3), 1)
+        state_at(TrainState(step=9, batch_in_epoch=3), 1, None)
 
 
 def test_pruning_keeps_the_newest_epoch_boundary_checkpoint(tmp_path):

@@ -30,7 +30,7 @@ from amint_dist.records.verification import file_ledger_digest, refusal, verify_
 from amint_dist.train.checkpoint import latest_checkpoint
 
 SECRET = "auditor-secret"
-RUN = ["train.epochs=1", "train.ckpt_every_steps=10", "train.keep_checkpoints=0"]
+RUN = ["train.epochs=2", "train.max_steps=25", "train.ckpt_every_steps=10", "train.keep_checkpoints=0"]  # epoch 0
 RESUME = ["train.epochs=2", "train.ckpt_every_steps=10", "train.keep_checkpoints=0", "resume=latest"]
 KEY_ENVS = (SIGNING_KEY_ENV, PUBLIC_KEY_ENV, HMAC_KEY_ENV)
 
@@ -192,7 +192,7 @@ def small_audit(run_dir: Path) -> dict:
      "model.safetensors does not match the weights sha256"),
     (lambda d: (d / "model_config.json").write_text((d / "model_config.json").read_text().replace('"active"', '"passive"')),
      "model_config.json does not match the trail's final entry"),
-    (lambda d: (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("epochs: 1", "epochs: 3")),
+    (lambda d: (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("epochs: 2", "epochs: 3")),
      "config.yaml does not match the sha256 the trail's start entry recorded"),
     (lambda d: forge(d, lambda e: e[2].update(step=999)), "has no Ed25519 signature"),  # re-chained, stripped
     (lambda d: write_trail(d, [{k: v for k, v in e.items() if k != "sig" or e["seq"] != 3} for e in trail_lines(d)]),

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from train_helpers import load_npz, run_train
 
 COMMON = ("train.epochs=2", "optim.warmup_epochs=0.5", "train.exposure_log=true")

@@ -43,7 +43,7 @@ class TrainConfig(Config):
     section = "train"
 
     epochs: int = option(60, lo=1, help="member epochs")
-    max_steps: int = option(0, lo=0, help="> 0 stops after this many optimizer steps")
+    max_steps: int = option(0, lo=0, help="> 0 stops after this many optimizer steps (the LR schedule stays train.epochs')")
     batch_size: int = option(32, lo=1, help="member samples per rank per micro-batch")
     probe_batch_size: Literal["auto"] | int = option("auto", lo=0, help="auto: keeps the probe split's epochs in pace")
     grad_accum: int = option(1, lo=1, help="micro-batches per optimizer step")
