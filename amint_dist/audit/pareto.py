@@ -17,7 +17,7 @@ from amint_dist.audit.validation import read_validation
 from amint_dist.io import atomic_write_bytes, atomic_write_json, read_json
 
 TUNING_FORMAT = "amint-dist-tuning/1"
-PER_RUN_KEYS = ("run.dir", "data.root")  # overrides that name places, not the recipe
+NOT_RECIPE = ("run.", "data.root=")  # overrides (prefixes) that name places or what runs after training
 SEED_KEY = "train.seed"  # runs that differ only in it are one point of the sweep (their figures are averaged)
 RULE = ("runs differing only in train.seed form one point, scored by the means of its runs' validation figures; "
         "among aMINT points (mint.mode=active) whose validation task accuracy is at most {drop:.1f} points below "
@@ -57,7 +57,7 @@ def candidate(run_dir: Path, name: str) -> Candidate:
     figures = read_validation(run_dir)
     provenance = run_dir / "provenance.json"
     command = read_json(provenance, what="provenance").get("command") if provenance.is_file() else None
-    overrides = [o for o in (command or {}).get("overrides", []) if o.split("=")[0] not in PER_RUN_KEYS]
+    overrides = [o for o in (command or {}).get("overrides", []) if not o.startswith(NOT_RECIPE)]
     amint = figures["mint"].get("amint") or {}
     metric = lambda key: amint[key]["value"] if key in amint else None  # noqa: E731
     return Candidate(name, list(overrides), figures["mint_mode"], figures["task_accuracy"]["value"],
