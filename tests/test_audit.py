@@ -248,6 +248,16 @@ def test_null_protocol_reads_chance(report):
         assert 0.35 < metrics["auc"]["value"] < 0.65, method
 
 
+def test_null_halvings_script_re_halves_the_reports_heldout_scores(audited_run, report):
+    """scripts/null_halvings.py: halving seed 0 over all heldout rows (calibration included) and its spread."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "null_halvings.py"), str(audited_run[0] / "audit"),
+                          "--seeds", "5"], capture_output=True, text=True, cwd=REPO, timeout=120, check=True).stdout
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert set(lines) == set(report["protocols"]["seen"]["methods"])
+    mean = float(lines["amint"].split("mean ")[1].split()[0])
+    assert 0.35 < mean < 0.65 and out.startswith(f"{report['scored']['heldout']['n']} heldout samples, 5 halvings")
+
+
 def test_figures_and_tensorboard(audited_run):
     run_dir = audited_run[0]
     for name in ("roc.png", "scores.png"):
