@@ -63,10 +63,12 @@ def compose_cfg(overrides: list[str]) -> JobConfig:
 
 
 class _FakeStream:
-    """What ``Trainer.__init__`` asks of a stream (its epoch length); no data behind it."""
+    """What ``Trainer.__init__`` asks of a stream (its epoch length and reader layout); no data behind it."""
 
-    def __init__(self, batches: int):
-        self._batches = batches
+    readers = 1  # one in-process reader per rank
+
+    def __init__(self, batches: int, batch_size: int):
+        self._batches, self.batch_size = batches, batch_size
 
     def __len__(self) -> int:
         return self._batches
@@ -144,7 +146,7 @@ def make_amint_side(cfg: JobConfig, accelerator, steps, split_sizes, run_dir: Pa
     if compiled:
         model.compile()  # as training does for train.compile=true
     model, optimizer = accelerator.prepare(model, optimizer)
-    streams = {s: _FakeStream(10**6) for s in steps[0]}
+    streams = {s: _FakeStream(10**6, len(b["label"])) for s, b in steps[0].items()}
     reporter = Reporter(Monitor(run_dir, False), SkipBudget(1.0), lambda t: t, 1)
     trainer = Trainer(cfg, accelerator, model, optimizer, streams, TrainState(),
                       ExposureRecorder(ExposureLedger(split_sizes)), reporter, run_dir, memory_format=memory_format)
