@@ -79,7 +79,6 @@ def test_famo_state_round_trips_exactly_through_json():
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"mode": "off", "balancer": "famo"}, "mint.balancer='famo': balances two losses; mint.mode=off"),
     ({"mode": "active", "taps": [0], "head": HEAD, "balancer": "famo", "weight": 0},
      "mint.balancer='famo': FAMO starts from z = (task_weight, weight) normalised: both must be > 0"),
     ({"mode": "active", "taps": [0], "head": HEAD, "balancer": "pcgrad"}, "mint.balancer='pcgrad': expected one of"),
@@ -87,6 +86,12 @@ def test_famo_state_round_trips_exactly_through_json():
 def test_famo_config_refusals_are_one_line(values, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         MintConfig.from_dict(values)
+
+
+def test_famo_has_nothing_to_balance_without_the_mint_loss():
+    """The digits default is FAMO: its plain twin (mint.mode=off) must need no other override."""
+    assert not MintConfig.from_dict({"mode": "off", "balancer": "famo"}).famo
+    assert MintConfig.from_dict({"mode": "active", "taps": [0], "head": HEAD, "balancer": "famo"}).famo
 
 
 # ---- real runs: exact resume, determinism, TensorBoard, DDP ----

@@ -16,6 +16,7 @@ TINY = [
     "model.img_size=16", "model.kwargs.patch_size=4", "model.kwargs.embed_dim=32", "model.kwargs.depth=2",
     "model.kwargs.num_heads=2", "mint.taps=[0,1]", "mint.head.channels=16", "mint.head.hidden=32",
     "data.workers=0", "train.log_every=5", "run.audit=false",
+    "mint.balancer=fixed",  # the tiny model's recipe: fixed weights (FAMO, the digits default, has its own tests)
 ]
 
 

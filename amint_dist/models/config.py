@@ -104,9 +104,7 @@ class MintConfig(Config):
     def __post_init__(self) -> None:
         if self.mode != "off" and (self.taps is None or self.head is None):
             raise self.error("mode", "needs both 'taps' and 'head'")
-        if self.balancer == "famo" and self.mode == "off":
-            raise self.error("balancer", "balances two losses; mint.mode=off trains the task alone (use fixed)")
-        if self.balancer == "famo" and not (self.task_weight and self.weight):
+        if self.famo and not (self.task_weight and self.weight):
             raise self.error("balancer", f"FAMO starts from z = (task_weight, weight) normalised: both must be > 0 "
                                          f"(mint.task_weight={self.task_weight}, mint.weight={self.weight})")
 
@@ -118,6 +116,11 @@ class MintConfig(Config):
     @property
     def on(self) -> bool:
         return self.mode != "off"
+
+    @property
+    def famo(self) -> bool:
+        """FAMO balances the two losses; with mint.mode=off there is one, and the balancer has nothing to do."""
+        return self.balancer == "famo" and self.on
 
     def shifts(self, positives: tuple[str, ...] = ("members",)) -> dict[str, int]:
         """Split -> max shift of its copies (extra MINT negatives; 0: perturbed only); only the splits that get

@@ -84,7 +84,7 @@ class Trainer:
         self.warmup = round(config.optim.warmup_epochs * steps_per_epoch)
         mcfg = config.mint
         self.famo = Famo(mcfg.task_weight, mcfg.weight, mcfg.famo_lr, mcfg.famo_weight_decay,
-                         partial(mean_over_ranks, accelerator), accelerator.device) if mcfg.balancer == "famo" else None
+                         partial(mean_over_ranks, accelerator), accelerator.device) if mcfg.famo else None
         self.losses = self.famo or LossCombiner(mcfg.task_weight, mcfg.weight, mcfg.normalize)
         if state.loss_norms and self.famo is None:
             self.losses.set_norms(*state.loss_norms)
