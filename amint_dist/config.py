@@ -13,7 +13,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 
 C = TypeVar("C", bound="Config")
@@ -154,3 +154,12 @@ def _expected(kind: str, bounds: tuple) -> str:
     parts = [f"{'>' if lo_open else '>='} {lo:g}" if lo is not None else "",
              f"{'<' if hi_open else '<='} {hi:g}" if hi is not None else ""]
     return f"expected {'an' if kind == 'integer' else 'a'} {kind} {' and '.join(p for p in parts if p)}"
+
+
+def leaves(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested mapping (lists and None are leaves)."""
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 from datetime import timedelta
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
-from amint_dist.config import ConfigError
+from amint_dist.config import ConfigError, leaves
 from amint_dist.dist import check_world, cpu_only, launched_world, under_deepspeed, under_fsdp
 from amint_dist.train.config import OptimConfig, TrainConfig
 
@@ -115,7 +114,7 @@ def deepspeed_config(train_cfg: TrainConfig, optim_cfg: OptimConfig, precision: 
     """
     path = path or deepspeed_config_path()
     cfg = json.loads(Path(path).read_text())
-    autos = [key for key, value in _leaves(cfg) if value == "auto"]
+    autos = [key for key, value in leaves(cfg) if value == "auto"]
     if autos:
         raise ValueError(f"{path}: 'auto' needs a HF model config; give numbers for {', '.join(autos)}")
     owned = [k for k in DS_OWNED_KEYS if k in cfg]
@@ -145,10 +144,3 @@ def deepspeed_plugin(config: dict) -> DeepSpeedPlugin:
     """Plugin from a complete config; no ``zero.Init`` (timm builds the model; DeepSpeed partitions it)."""
     return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)
 
-
-def _leaves(tree: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaves(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value

@@ -9,13 +9,11 @@ the record of what is trained. A resume whose typed config differs from it in an
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from omegaconf import OmegaConf
 
-from amint_dist.config import ConfigError
+from amint_dist.config import ConfigError, leaves
 from amint_dist.train.config import JobConfig
 
 # Keys (or whole sections) that change no optimizer step, no sample read and no recorded output: how the same
@@ -36,14 +34,6 @@ MAY_CHANGE = (
 )
 
 
-def dotted(values: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping's leaves by dotted key (lists and None are leaves)."""
-    if not isinstance(values, Mapping):
-        return {prefix: values}
-    return {key: leaf for name, value in values.items()
-            for key, leaf in dotted(value, f"{prefix}.{name}" if prefix else str(name)).items()}
-
-
 def may_change(key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") for k in MAY_CHANGE)
 
@@ -52,7 +42,7 @@ def config_changes(saved_path: Path, config: JobConfig) -> dict[str, list]:
     """``{key: [saved, now]}`` of the allowed keys in which ``config`` differs from the run's ``saved_path``
     (``config.yaml``); a difference in any other key is a :class:`ConfigError` naming them all."""
     saved = JobConfig.from_dict(OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True))
-    before, now = dotted(dataclasses.asdict(saved)), dotted(dataclasses.asdict(config))
+    before, now = dict(leaves(dataclasses.asdict(saved))), dict(leaves(dataclasses.asdict(config)))
     differ = {k: [before.get(k), now.get(k)] for k in sorted(before.keys() | now.keys()) if before.get(k) != now.get(k)}
     refused = [f"{k}={old!r} -> {new!r}" for k, (old, new) in differ.items() if not may_change(k)]
     if refused:

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.tracking import filter_trackers, get_available_trackers
 from accelerate.utils import LoggerType
 
+from amint_dist.config import leaves
 from amint_dist.tb import Monitor
 
 
@@ -32,14 +33,8 @@ def tracker_problem(names: Sequence[str]) -> str | None:
 
 def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``a.b.c: value`` with lists and None as strings: what every tracker's run configuration accepts."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flat_config(value, f"{name}."))
-        else:
-            out[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return out
+    return {name: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for name, value in leaves(config, prefix)}
 
 
 def start_trackers(accelerator: Accelerator, names: Sequence[str], run_dir: Path, config: Mapping[str, Any],
