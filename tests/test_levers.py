@@ -1,6 +1,6 @@
 """Audit-power levers: perturbed member negatives (mint.member_perturb), hard-negative weighting
 (mint.hard_negatives) and the focal MINT loss (mint.focal_gamma): hand-computed units, real short runs with every
-switch on (exact resume, an audit of the result) and a 2-rank DDP run whose ranks agree."""
+switch on (exact resume, an audit of the result) and 2-rank ZeRO-2 runs whose ranks agree and resume exactly."""
 
 from __future__ import annotations
 
@@ -190,13 +190,19 @@ def test_run_with_every_lever_trains_resumes_exactly_and_audits(tmp_path, train_
 
 
 @pytest.mark.slow
-def test_ddp_ranks_agree_with_every_lever(tmp_path, train_root):
-    """Two gloo ranks, each drawing its own perturbations and picking its own hard negatives: every checkpoint's
-    parameters agree across ranks (a checkpoint of diverging ranks is refused)."""
-    run_dir = tmp_path / "ddp"
-    run_train(run_dir, train_root, *LEVERS, "train.max_steps=4", "train.ckpt_every_steps=2", launcher=launcher("ddp"))
-    checkpoints = sorted((run_dir / "checkpoints").glob("step-*"))
+def test_zero2_ranks_agree_with_every_lever_and_resume_exactly(tmp_path, train_root):
+    """Two gloo ranks under DeepSpeed ZeRO-2, each drawing its own perturbations and picking its own hard negatives:
+    every checkpoint's parameters agree across ranks (a checkpoint of diverging ranks is refused), and 2 steps +
+    resume to 4 gives the 4 straight steps' weights bit for bit (the levers' draws are seeded by position)."""
+    run_train(tmp_path / "straight", train_root, *LEVERS, "train.max_steps=4", launcher=launcher("deepspeed_zero2"))
+    run_train(tmp_path / "resumed", train_root, *LEVERS, "train.max_steps=2", launcher=launcher("deepspeed_zero2"))
+    run_train(tmp_path / "resumed", train_root, *LEVERS, "train.max_steps=4", "resume=latest", launcher=launcher("deepspeed_zero2"))
+    checkpoints = sorted((tmp_path / "resumed" / "checkpoints").glob("step-*"))
     assert [c.name for c in checkpoints] == ["step-00000002", "step-00000004"]
     for ckpt in checkpoints:
-        ranks = json.loads((ckpt / "distributed.json").read_text())["ranks"]
+        dist = json.loads((ckpt / "distributed.json").read_text())
+        ranks = dist["ranks"]
+        assert dist["engine"] == "zero2" and dist["world_size"] == 2
         assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "straight" / "model.safetensors").read_bytes()
