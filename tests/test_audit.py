@@ -3,6 +3,7 @@ null protocol at chance, tampering refused with the file named, a model trained 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -256,6 +257,27 @@ def test_null_halvings_script_re_halves_the_reports_heldout_scores(audited_run, 
     assert set(lines) == set(report["protocols"]["seen"]["methods"])
     mean = float(lines["amint"].split("mean ")[1].split()[0])
     assert 0.35 < mean < 0.65 and out.startswith(f"{report['scored']['heldout']['n']} heldout samples, 5 halvings")
+
+
+def test_roc_compare_script_plots_the_reports_evaluation_rows(audited_run, report, tmp_path):
+    """scripts/roc_compare.py: each curve is the protocol's evaluation rows (its AUC = the report's), one PNG; a
+    missing column is one error line naming the curve."""
+    audit_dir = audited_run[0] / "audit"
+    spec = importlib.util.spec_from_file_location("roc_compare", REPO / "scripts" / "roc_compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for method in ("amint", "loss"):
+        label, (labels, scores) = module.evaluation_scores(f"{method} curve={audit_dir}:seen/{method}")
+        seen = report["protocols"]["seen"]
+        assert label == f"{method} curve" and (labels.sum(), (~labels).sum()) == (seen["n_members"], seen["n_nonmembers"])
+        assert roc_auc_score(labels, scores) == pytest.approx(report["protocols"]["seen"]["methods"][method]["auc"]["value"])
+    script = [sys.executable, str(REPO / "scripts" / "roc_compare.py"), "--out", str(tmp_path / "c.png")]
+    subprocess.run(script + [f"a={audit_dir}:seen/amint", f"b={audit_dir}:null/amint"], cwd=REPO, check=True,
+                   capture_output=True, timeout=120)
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    bad = subprocess.run(script + [f"x={audit_dir}:seen/lira_online"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip() == f"error: curve 'x': {audit_dir / 'scores.npz'} has no column seen/lira_online"
 
 
 def test_figures_and_tensorboard(audited_run):
