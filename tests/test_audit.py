@@ -259,13 +259,18 @@ def test_null_halvings_script_re_halves_the_reports_heldout_scores(audited_run, 
     assert 0.35 < mean < 0.65 and out.startswith(f"{report['scored']['heldout']['n']} heldout samples, 5 halvings")
 
 
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_roc_compare_script_plots_the_reports_evaluation_rows(audited_run, report, tmp_path):
     """scripts/roc_compare.py: each curve is the protocol's evaluation rows (its AUC = the report's), one PNG; a
     missing column is one error line naming the curve."""
     audit_dir = audited_run[0] / "audit"
-    spec = importlib.util.spec_from_file_location("roc_compare", REPO / "scripts" / "roc_compare.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("roc_compare")
     for method in ("amint", "loss"):
         label, (labels, scores) = module.evaluation_scores(f"{method} curve={audit_dir}:seen/{method}")
         seen = report["protocols"]["seen"]
@@ -278,6 +283,34 @@ def test_roc_compare_script_plots_the_reports_evaluation_rows(audited_run, repor
     bad = subprocess.run(script + [f"x={audit_dir}:seen/lira_online"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and bad.stderr.strip() == f"error: curve 'x': {audit_dir / 'scores.npz'} has no column seen/lira_online"
+
+
+def test_lookalikes_script_measures_nearest_member_distances_and_their_rank_correlation(audited_run, report,
+                                                                                        train_root, tmp_path):
+    """scripts/lookalikes.py: nearest-member distances equal a brute-force loop (a member's own copy excluded);
+    on the real audit it counts the report's evaluation rows; scores planted as closeness give Spearman 1."""
+    lookalikes = load_script("lookalikes")
+    member_keys, members = lookalikes.split_pixels(train_root, "members")
+    heldout_keys, heldout = lookalikes.split_pixels(train_root, "heldout")
+    for keys, rows in ((heldout_keys[:15], heldout[:15]), (member_keys[:15], members[:15])):
+        got = lookalikes.nearest_member_distance(rows, keys, members, member_keys)
+        naive = [min(np.linalg.norm(r - m) for m, mk in zip(members, member_keys) if mk != k) for r, k in zip(rows, keys)]
+        np.testing.assert_allclose(got, naive, rtol=1e-4)
+    script = [sys.executable, str(REPO / "scripts" / "lookalikes.py"), str(train_root)]
+    out = subprocess.run(script + [str(audited_run[0] / "audit")], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    seen = report["protocols"]["seen"]
+    assert out.startswith(f"{seen['n_members']} members, {seen['n_nonmembers']} non-members (seen, amint)")
+    with np.load(audited_run[0] / "audit" / "scores.npz", allow_pickle=False) as z:
+        planted = {f"seen/{c}": z[f"seen/{c}"] for c in ("key", "split", "label")}
+    pixels = dict(zip(heldout_keys, heldout)) | dict(zip(member_keys, members))
+    rows = np.stack([pixels[k] for k in planted["seen/key"]])
+    planted["seen/amint"] = -lookalikes.nearest_member_distance(rows, planted["seen/key"], members, member_keys)
+    (tmp_path / "planted").mkdir()
+    np.savez(tmp_path / "planted" / "scores.npz", **planted)
+    out = subprocess.run(script + [str(tmp_path / "planted")], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    assert "Spearman(score, closeness to the member set) = 1.000" in out
 
 
 def test_figures_and_tensorboard(audited_run):
