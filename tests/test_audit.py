@@ -272,15 +272,15 @@ def test_roc_compare_script_plots_the_reports_evaluation_rows(audited_run, repor
     audit_dir = audited_run[0] / "audit"
     module = load_script("roc_compare")
     for method in ("amint", "loss"):
-        label, (labels, scores) = module.evaluation_scores(f"{method} curve={audit_dir}:seen/{method}")
+        labels, scores = module.evaluation_scores(method, str(audit_dir), f"seen/{method}")
         seen = report["protocols"]["seen"]
-        assert label == f"{method} curve" and (labels.sum(), (~labels).sum()) == (seen["n_members"], seen["n_nonmembers"])
+        assert (labels.sum(), (~labels).sum()) == (seen["n_members"], seen["n_nonmembers"])
         assert roc_auc_score(labels, scores) == pytest.approx(report["protocols"]["seen"]["methods"][method]["auc"]["value"])
     script = [sys.executable, str(REPO / "scripts" / "roc_compare.py"), "--out", str(tmp_path / "c.png")]
-    subprocess.run(script + [f"a={audit_dir}:seen/amint", f"b={audit_dir}:null/amint"], cwd=REPO, check=True,
-                   capture_output=True, timeout=120)
+    curves = ["--curve", "a, K=8", str(audit_dir), "seen/amint", "--curve", "b", str(audit_dir), "null/amint"]
+    subprocess.run(script + curves, cwd=REPO, check=True, capture_output=True, timeout=120)
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    bad = subprocess.run(script + [f"x={audit_dir}:seen/lira_online"], cwd=REPO, capture_output=True, text=True,
+    bad = subprocess.run(script + ["--curve", "x", str(audit_dir), "seen/lira_online"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0 and bad.stderr.strip() == f"error: curve 'x': {audit_dir / 'scores.npz'} has no column seen/lira_online"
 
