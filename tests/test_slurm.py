@@ -197,6 +197,10 @@ def slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
                     pass
 
 
+JOB_ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+             "PREEMPTED")
+
+
 def scontrol_job(env: dict, job: str) -> dict[str, str]:
     """The job's ``scontrol show job`` fields (Key=Value) as a dict."""
     text = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
@@ -224,7 +228,7 @@ def test_real_slurm_requeue_before_the_time_limit_resumes(slurm, tmp_path, train
     deadline = time.monotonic() + 300
     while True:  # wait for a checkpoint in the second epoch, then signal as Slurm does before the time limit
         state = scontrol_job(env, job).get("JobState")
-        assert state in ("PENDING", "RUNNING") and time.monotonic() < deadline, f"job {job} is {state} before the signal"
+        assert state not in JOB_ENDED and time.monotonic() < deadline, f"job {job} is {state} before the signal"
         ckpt = latest_checkpoint(run_dir) if (run_dir / "checkpoints" / "latest").exists() else None
         if ckpt is not None and json.loads((ckpt / "train_state.json").read_text())["epoch"] >= 1:
             break
@@ -232,8 +236,7 @@ def test_real_slurm_requeue_before_the_time_limit_resumes(slurm, tmp_path, train
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
     wait_for_job(env, job, lambda f: f.get("Restarts") == "1" and f.get("JobState") == "PENDING", deadline)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)  # skip the requeue delay
-    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-    fields = wait_for_job(env, job, lambda f: f.get("JobState") in ended, time.monotonic() + 300)
+    fields = wait_for_job(env, job, lambda f: f.get("JobState") in JOB_ENDED, time.monotonic() + 300)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", str(fields) + log[-5000:]
     assert "requeueing job" in log and f"resuming from {run_dir}/checkpoints/step-" in log
