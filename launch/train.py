@@ -30,7 +30,7 @@ def main(cfg: dict) -> None:
     if not (cfg["run"]["validate"] or cfg["run"]["audit"]):
         return
     # imported here, not at the top: the audit stack (scikit-learn, SciPy, matplotlib) adds ~30% to every rank's
-    # start-up (16.0 s vs 12.1 s measured on a loaded 2-core machine), which a run without audit need not pay
+    # import time (16.0 s vs 12.1 s on a loaded 2-core machine), which a run without audit need not pay
     from amint_dist.audit.run import audit_config, run_audit
     from amint_dist.audit.validation import run_validation
 

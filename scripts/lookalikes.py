@@ -9,23 +9,25 @@ samples. Brute force over the member split: meant for small roots (digits, test 
 """
 
 import argparse
-import io
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
 from scipy.stats import spearmanr
+
+from amint_dist.audit.report import read_protocol_scores
+from amint_dist.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, decode_image
+from amint_dist.data.pipeline import SplitShards
 
 
 def split_pixels(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Keys and flattened greyscale pixels of every image in ``root/split``'s shards (one image size)."""
+    """Keys and flattened greyscale pixels of every image in ``root``'s ``split`` (the shards its ``_info.json``
+    lists, decoded with the reader's size checks; one image size)."""
     keys, pixels = [], []
-    for sample in wds.WebDataset(sorted(str(p) for p in (root / split).glob("shard-*.tar")), shardshuffle=False,
-                                 empty_check=False):
-        image = next(v for k, v in sample.items() if k in ("png", "jpg", "jpeg", "webp", "bmp", "tiff"))
+    for sample in wds.WebDataset(list(SplitShards.from_root(root, split).urls), shardshuffle=False, empty_check=False):
+        payload = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
         keys.append(sample["__key__"])
-        pixels.append(np.asarray(Image.open(io.BytesIO(image)).convert("L"), np.float32).ravel())
+        pixels.append(np.asarray(decode_image(payload, DEFAULT_MAX_PIXELS).convert("L"), np.float32).ravel())
     return np.array(keys), np.stack(pixels)
 
 
@@ -45,18 +47,15 @@ def main() -> None:
     parser.add_argument("--protocol", default="seen")
     parser.add_argument("--method", default="amint")
     args = parser.parse_args()
-    member_keys, member_pixels = split_pixels(args.root, "members")
-    with np.load(args.audit_dir / "scores.npz", allow_pickle=False) as z:
-        keys, splits = z[f"{args.protocol}/key"], z[f"{args.protocol}/split"]
-        labels, scores = z[f"{args.protocol}/label"].astype(bool), z[f"{args.protocol}/{args.method}"]
-    pixels = {}
-    for split in np.unique(splits):
-        split_keys, split_rows = split_pixels(args.root, str(split))
-        pixels.update(zip(split_keys, split_rows))
-    missing = [k for k in keys if k not in pixels]
+    columns = read_protocol_scores(args.audit_dir, args.protocol)
+    keys, labels, scores = columns["key"], columns["label"].astype(bool), columns[args.method]
+    pixels = {split: split_pixels(args.root, split) for split in {"members", *map(str, np.unique(columns["split"]))}}
+    member_keys, member_pixels = pixels["members"]
+    by_key = {key: row for split_keys, rows in pixels.values() for key, row in zip(split_keys, rows)}
+    missing = [k for k in keys if k not in by_key]
     if missing:
         raise SystemExit(f"error: {len(missing)} scored samples (e.g. {missing[0]}) are not in {args.root}")
-    nearest = nearest_member_distance(np.stack([pixels[k] for k in keys]), keys, member_pixels, member_keys)
+    nearest = nearest_member_distance(np.stack([by_key[k] for k in keys]), keys, member_pixels, member_keys)
     out = spearmanr(scores[~labels], -nearest[~labels])
     print(f"{labels.sum()} members, {(~labels).sum()} non-members ({args.protocol}, {args.method}); "
           f"{len(member_keys)} samples in the members split")

@@ -14,17 +14,16 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from amint_dist.audit.protocols import NONMEMBER_SPLIT, key_units
+from amint_dist.audit.report import SAMPLE_COLUMNS, read_protocol_scores
 
 
 def heldout_scores(audit_dir: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Keys and per-method scores of every heldout sample the seen protocol scored."""
-    with np.load(audit_dir / "scores.npz", allow_pickle=False) as z:
-        prefixes = ("seen/", "calibration/seen/")
-        methods = [f.split("/")[-1] for f in z.files if f.startswith("seen/")
-                   and f.split("/")[-1] not in ("key", "split", "label")]
-        rows = [z[p + "split"] == NONMEMBER_SPLIT for p in prefixes]
-        keys = np.concatenate([z[p + "key"][r] for p, r in zip(prefixes, rows)])
-        return keys, {m: np.concatenate([z[p + m][r] for p, r in zip(prefixes, rows)]) for m in methods}
+    parts = [read_protocol_scores(audit_dir, "seen", calibration) for calibration in (False, True)]
+    rows = [part["split"] == NONMEMBER_SPLIT for part in parts]
+    methods = [c for c in parts[0] if c not in SAMPLE_COLUMNS]
+    return (np.concatenate([part["key"][r] for part, r in zip(parts, rows)]),
+            {m: np.concatenate([part[m][r] for part, r in zip(parts, rows)]) for m in methods})
 
 
 def main() -> None:

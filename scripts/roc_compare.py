@@ -10,21 +10,20 @@ their labels, exactly what the report's figures are computed on. Nothing is re-s
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from amint_dist.audit.plots import LabelledScores, plot_roc
+from amint_dist.audit.report import SAMPLE_COLUMNS, read_protocol_scores
 
 
 def evaluation_scores(label: str, audit_dir: str, column: str) -> LabelledScores:
     """The evaluation rows' (labels, scores) of ``column`` (PROTOCOL/METHOD); one line naming the curve when absent."""
     protocol, _, method = column.partition("/")
-    path = Path(audit_dir) / "scores.npz"
-    if not path.is_file():
-        raise SystemExit(f"error: curve {label!r}: {path} does not exist")
-    with np.load(path, allow_pickle=False) as z:
-        if not method or f"{protocol}/{method}" not in z.files:
-            raise SystemExit(f"error: curve {label!r}: {path} has no column {column}")
-        return z[f"{protocol}/label"].astype(bool), z[f"{protocol}/{method}"]
+    try:
+        columns = read_protocol_scores(audit_dir, protocol)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: curve {label!r}: {e}") from None
+    if method in ("", *SAMPLE_COLUMNS) or method not in columns:
+        raise SystemExit(f"error: curve {label!r}: {Path(audit_dir) / 'scores.npz'} has no column {column}")
+    return columns["label"].astype(bool), columns[method]
 
 
 def main() -> None:

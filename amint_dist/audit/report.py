@@ -119,6 +119,24 @@ def scores_arrays(protocols: Sequence[ProtocolSamples]) -> dict[str, np.ndarray]
     return out
 
 
+SAMPLE_COLUMNS = ("key", "split", "label")  # a protocol's row columns in scores.npz; every other column is a method
+
+
+def read_protocol_scores(audit_dir: str | Path, protocol: str, calibration: bool = False) -> dict[str, np.ndarray]:
+    """The inverse of :func:`scores_arrays` for one protocol: ``audit_dir/scores.npz``'s evaluation (or
+    calibration) columns by name (key, split, label, one per method); one line naming the file when it or the
+    protocol is absent."""
+    path = Path(audit_dir) / "scores.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    prefix = f"calibration/{protocol}/" if calibration else f"{protocol}/"
+    with np.load(path, allow_pickle=False) as z:
+        columns = {name[len(prefix):]: z[name] for name in z.files if name.startswith(prefix)}
+    if not columns:
+        raise ValueError(f"{path} holds no protocol {protocol!r}")
+    return columns
+
+
 def summary_notes(protocols: Mapping[str, dict]) -> list[str]:
     """Plain-language checks: the null protocol reads chance; which method leads on ``seen``."""
     notes = []

@@ -31,10 +31,10 @@ def tracker_problem(names: Sequence[str]) -> str | None:
     return f"{missing[0]} is not installed here (pip install {missing[0]})" if missing else None
 
 
-def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """``a.b.c: value`` with lists and None as strings: what every tracker's run configuration accepts."""
     return {name: value if isinstance(value, (int, float, str, bool)) else str(value)
-            for name, value in leaves(config, prefix)}
+            for name, value in leaves(config)}
 
 
 def start_trackers(accelerator: Accelerator, names: Sequence[str], run_dir: Path, config: Mapping[str, Any],
